@@ -1,0 +1,15 @@
+"""reidzoo: five person re-identification papers as fast-reid components."""
+
+__version__ = "0.1.0"
+
+try:
+    import fastreid  # noqa: F401
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "reidzoo needs fastreid 1.4.0, installed without its stale torch pin: "
+        "`pip install --no-deps fastreid==1.4.0` (scripts/install.sh does this)."
+    ) from e
+
+from reidzoo import compat  # noqa: E402
+
+compat.apply()

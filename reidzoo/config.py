@@ -1,0 +1,173 @@
+"""Configuration: fast-reid's defaults plus every registered ``add_*_config`` hook."""
+
+import logging
+import os
+
+from reidzoo import compat
+
+compat.apply()
+
+from fastreid.config import CfgNode  # noqa: E402
+from fastreid.config import get_cfg as _fastreid_get_cfg  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+_CONFIG_HOOKS = []
+
+
+def register_config(hook):
+    """Register ``hook(cfg)`` to be run by :func:`get_cfg`; usable as a decorator.
+
+    A hook adds its own nodes with :func:`add_node` and must be idempotent. Registering the
+    same function twice is a no-op.
+
+    Args:
+        hook (callable): ``hook(cfg) -> None``.
+    Returns:
+        callable: ``hook`` itself.
+    """
+    if hook not in _CONFIG_HOOKS:
+        _CONFIG_HOOKS.append(hook)
+    return hook
+
+
+def registered_config_hooks():
+    """Returns:
+    tuple[callable]: the hooks :func:`get_cfg` runs, in registration order."""
+    return tuple(_CONFIG_HOOKS)
+
+
+def add_node(cfg, path, defaults):
+    """Add a config node at ``path`` without ever overwriting an existing key.
+
+    Keys that already exist keep their value (so a hook can run twice, or after a YAML
+    merge); a key that exists as a value where a node is wanted, or the reverse, is a
+    conflict between two plugins and raises.
+
+    Args:
+        cfg (CfgNode): the root config (must not be frozen).
+        path (str): dotted path of the node, e.g. ``"MODEL.IANET"``.
+        defaults (dict | CfgNode): nested default values.
+    Returns:
+        CfgNode: the node at ``path``.
+    """
+    node = cfg
+    for part in path.split("."):
+        if part not in node:
+            node[part] = CfgNode()
+        elif not isinstance(node[part], CfgNode):
+            raise KeyError(f"config key {path}: '{part}' already exists and is not a node")
+        node = node[part]
+    _merge_missing(node, defaults, path)
+    return node
+
+
+def _merge_missing(node, defaults, path):
+    for key, value in defaults.items():
+        full = f"{path}.{key}"
+        if isinstance(value, dict):
+            if key in node and not isinstance(node[key], CfgNode):
+                raise KeyError(f"config key {full} already exists and is not a node")
+            if key not in node:
+                node[key] = CfgNode()
+            _merge_missing(node[key], value, full)
+        elif key not in node:
+            node[key] = value
+        elif isinstance(node[key], CfgNode):
+            raise KeyError(f"config key {full} already exists as a node")
+
+
+@register_config
+def add_reidzoo_config(cfg):
+    """reidzoo's own keys (the core, not any paper).
+
+    Args:
+        cfg (CfgNode): root config, modified in place.
+    """
+    add_node(
+        cfg,
+        "REIDZOO",
+        {
+            # Python modules imported before the config file is merged (third-party plugins).
+            "CUSTOM_IMPORTS": [],
+            # Loading MODEL.WEIGHTS that do not match the model raises instead of warning.
+            "STRICT_LOAD": True,
+            # Turn AMP off (with a warning) when the model runs on the CPU.
+            "CPU_DISABLE_AMP": True,
+        },
+    )
+    # Dataset root; empty means $FASTREID_DATASETS, else "datasets" (fast-reid's rule).
+    add_node(cfg, "DATASETS", {"ROOT": ""})
+    # Transforms from TRANSFORM_REGISTRY, applied in order at their own stage.
+    add_node(cfg, "INPUT", {"TRANSFORMS": []})
+    # Iteration-based schedule: MAX_ITER > 0 trains that many iterations; STEPS, WARMUP_ITERS,
+    # CHECKPOINT_PERIOD and TEST.EVAL_PERIOD are then counted in iterations, not epochs.
+    add_node(cfg, "SOLVER", {"MAX_ITER": 0})
+    # Modules from STAGE_MODULE_REGISTRY inserted after ResNet stages, as "layerK:Name".
+    add_node(cfg, "MODEL.BACKBONE", {"INSERTS": []})
+
+
+def get_cfg():
+    """fast-reid's default config extended by every installed plugin's config hook.
+
+    Imports every plugin first (``reidzoo.plugins`` entry points), so that paper packages and
+    third-party packages have registered their hooks.
+
+    Returns:
+        CfgNode: a fresh, unfrozen config.
+    """
+    from reidzoo.plugins import load_plugins
+
+    load_plugins()
+    cfg = _fastreid_get_cfg()
+    for hook in _CONFIG_HOOKS:
+        hook(cfg)
+    return cfg
+
+
+def dataset_root(cfg):
+    """The dataset root for ``cfg``: ``DATASETS.ROOT``, else ``$FASTREID_DATASETS``, else
+    ``datasets`` (fast-reid's rule)."""
+    return cfg.DATASETS.ROOT or os.getenv("FASTREID_DATASETS", "datasets")
+
+
+def setup_cfg(config_file="", opts=(), freeze=True):
+    """Build a config from a YAML file and ``KEY VALUE`` overrides, the way ``train_net.py``
+    does: custom imports named in the file or the overrides are imported first.
+
+    Args:
+        config_file (str): path to a YAML file (may use ``_BASE_``); empty for defaults.
+        opts (list[str]): flat ``[KEY, VALUE, ...]`` overrides.
+        freeze (bool): freeze the result.
+    Returns:
+        CfgNode
+    """
+    from reidzoo.plugins import import_custom_modules
+
+    opts = list(opts or [])
+    if len(opts) % 2:
+        raise ValueError(f"config overrides must be KEY VALUE pairs, got an odd list: {opts}")
+    if config_file and not os.path.isfile(config_file):
+        raise FileNotFoundError(f"config file not found: '{config_file}'")
+    import_custom_modules(_custom_imports(config_file, opts))
+    cfg = get_cfg()
+    if config_file:
+        cfg.merge_from_file(config_file)
+    cfg.merge_from_list(opts)
+    if freeze:
+        cfg.freeze()
+    return cfg
+
+
+def _custom_imports(config_file, opts):
+    names = []
+    if config_file:
+        raw = CfgNode.load_yaml_with_base(config_file, allow_unsafe=True)
+        names += list((raw.get("REIDZOO") or {}).get("CUSTOM_IMPORTS") or [])
+    for key, value in zip(opts[0::2], opts[1::2]):
+        if key == "REIDZOO.CUSTOM_IMPORTS":
+            import ast
+
+            parsed = ast.literal_eval(value) if value.strip().startswith(("[", "(")) else value
+            names += [parsed] if isinstance(parsed, str) else list(parsed)
+    return names
