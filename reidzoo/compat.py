@@ -14,6 +14,9 @@ logger = logging.getLogger(__name__)
 
 _APPLIED = False
 
+#: What each fix replaced, so tests can show what breaks without it: name -> object.
+ORIGINALS = {}
+
 #: Names of the fixes applied by :func:`apply`, in order. Tests check each one.
 FIXES = (
     "torch_six",
@@ -91,6 +94,7 @@ def _fix_dataloader():
     if getattr(cls, "_reidzoo_patched", False):
         return
     orig_init, orig_iter, orig_next = cls.__init__, cls.__iter__, cls.__next__
+    ORIGINALS["dataloader_cpu"] = orig_init
     orig_shutdown = cls._shutdown_background_thread
     base = torch.utils.data.DataLoader
 
@@ -131,6 +135,7 @@ def _fix_optimizer():
     from fastreid.solver import build as solver_build
 
     fn = solver_build.build_optimizer
+    ORIGINALS.setdefault("optimizer_contiguous", fn.__defaults__)
     # Changing the default on the function object reaches every name it was imported under.
     if fn.__defaults__ != (False,):
         fn.__defaults__ = (False,)
@@ -150,7 +155,9 @@ def _fix_cython_rank():
         if not rank.IS_CYTHON_AVAI:
             logger.debug("fastreid Cython ranking not built; using its numpy implementation")
 
-    reid_evaluation.ReidEvaluator._compile_dependencies = _compile_dependencies
+    cls = reid_evaluation.ReidEvaluator
+    ORIGINALS.setdefault("cython_rank", cls._compile_dependencies)
+    cls._compile_dependencies = _compile_dependencies
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,6 +178,7 @@ def _fix_rerank():
             search_option = 3  # fastreid's CPU faiss path
         return orig(features, k1=k1, k2=k2, search_option=search_option, fp16=fp16)
 
+    ORIGINALS["rerank_cpu"] = orig
     compute_jaccard_distance._reidzoo_patched = True
     compute_dist.compute_jaccard_distance = compute_jaccard_distance
 
@@ -202,6 +210,7 @@ def preprocess_image(self, batched_inputs):
 def _fix_baseline_inplace():
     from fastreid.modeling.meta_arch import baseline, mgn
 
+    ORIGINALS.setdefault("baseline_inplace", baseline.Baseline.preprocess_image)
     baseline.Baseline.preprocess_image = preprocess_image
     mgn.MGN.preprocess_image = preprocess_image
 
@@ -224,6 +233,7 @@ def _fix_random_affine():
                 kwargs["interpolation"] = T.InterpolationMode.BILINEAR
             super().__init__(*args, **kwargs)
 
+    ORIGINALS.setdefault("random_affine", tbuild.T)
     proxy = types.ModuleType("torchvision.transforms")
     proxy.__dict__.update(T.__dict__)
     proxy.RandomAffine = RandomAffine
@@ -248,6 +258,7 @@ def _fix_read_image():
         except Exception as e:  # PIL raises several types; all mean "cannot read"
             raise OSError(f"cannot read image file '{file_name}': {e}") from e
 
+    ORIGINALS["read_image"] = orig
     read_image._reidzoo_patched = True
     data_utils.read_image = read_image
     common.read_image = read_image
@@ -266,6 +277,7 @@ def _fix_pretrained_download():
             f"to a local torchvision-style checkpoint, or MODEL.BACKBONE.PRETRAIN False."
         )
 
+    ORIGINALS.setdefault("pretrained_download", resnet.init_pretrained_weights)
     resnet.init_pretrained_weights = init_pretrained_weights
 
 
@@ -303,8 +315,9 @@ def _distributed_worker(
 
 
 def _fix_launch():
-    from fastreid.engine import launch
+    launch = importlib.import_module("fastreid.engine.launch")  # the module, not the function
 
+    ORIGINALS.setdefault("launch_gloo", launch._distributed_worker)
     launch._distributed_worker = _distributed_worker
 
 
@@ -318,6 +331,7 @@ def _fix_checkpoint_load():
     def _load_file(self, f):
         return torch.load(f, map_location=torch.device("cpu"), weights_only=False)
 
+    ORIGINALS.setdefault("checkpoint_load", checkpoint.Checkpointer._load_file)
     checkpoint.Checkpointer._load_file = _load_file
 
 
@@ -334,6 +348,7 @@ def _fix_event_storage():
             return events._CURRENT_STORAGE_STACK[-1]
         return events.EventStorage()  # discarded: nobody is recording outside a trainer
 
+    ORIGINALS.setdefault("event_storage", cross_entroy_loss.get_event_storage)
     cross_entroy_loss.get_event_storage = get_event_storage
 
 
@@ -353,4 +368,5 @@ def _fix_registry_names():
             )
         return ret
 
+    ORIGINALS.setdefault("registry_names", Registry.get)
     Registry.get = get

@@ -94,6 +94,11 @@ def add_reidzoo_config(cfg):
             "STRICT_LOAD": True,
             # Turn AMP off (with a warning) when the model runs on the CPU.
             "CPU_DISABLE_AMP": True,
+            # DDP's find_unused_parameters, for models with branches unused in some steps.
+            "FIND_UNUSED_PARAMETERS": False,
+            # Seed for Python, numpy and torch RNGs (rank is added); negative: fast-reid's
+            # default of a fresh random seed per run.
+            "SEED": -1,
         },
     )
     # Dataset root; empty means $FASTREID_DATASETS, else "datasets" (fast-reid's rule).

@@ -15,6 +15,7 @@ from importlib import metadata
 logger = logging.getLogger(__name__)
 
 GROUP = "reidzoo.plugins"
+CORE_MODULES = ("reidzoo.modeling", "reidzoo.data")
 _LOADED = {}
 
 
@@ -31,6 +32,9 @@ def load_plugins():
     Returns:
         dict[str, module]: entry-point name -> imported module.
     """
+    # reidzoo's own shared components register first.
+    for core in CORE_MODULES:
+        importlib.import_module(core)
     for ep in _entry_points():
         if ep.name in _LOADED:
             continue

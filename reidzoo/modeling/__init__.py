@@ -1,0 +1,23 @@
+"""Modeling pieces shared by two or more papers."""
+
+from reidzoo import compat
+
+compat.apply()
+
+from .backbone import (  # noqa: E402
+    STAGES,
+    StagedResNet,
+    build_staged_resnet,
+    build_staged_resnet_backbone,
+    load_pretrained,
+    parse_inserts,
+)
+
+__all__ = [
+    "STAGES",
+    "StagedResNet",
+    "build_staged_resnet",
+    "build_staged_resnet_backbone",
+    "load_pretrained",
+    "parse_inserts",
+]

@@ -1,0 +1,230 @@
+"""Stage-by-stage access to fast-reid's ResNet, with modules inserted after any stage.
+
+Papers need the outputs of layer1..layer4 (PAN, PFE, PMM), modules inserted between stages
+(IANet, PFE) or copies of late stages (RMGL). :class:`StagedResNet` is fast-reid's own ResNet
+(same parameters, same state-dict keys, same non-local placement) with a forward that exposes
+each stage, so no paper re-implements ResNet.
+"""
+
+import logging
+import os
+
+import torch
+from fastreid.modeling.backbones.resnet import BasicBlock, Bottleneck, ResNet
+from torch import nn
+
+from reidzoo.registry import BACKBONE_REGISTRY, STAGE_MODULE_REGISTRY
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("layer1", "layer2", "layer3", "layer4")
+
+_BLOCKS = {
+    "18x": (BasicBlock, [2, 2, 2, 2], [0, 0, 0, 0]),
+    "34x": (BasicBlock, [3, 4, 6, 3], [0, 0, 0, 0]),
+    "50x": (Bottleneck, [3, 4, 6, 3], [0, 2, 3, 0]),
+    "101x": (Bottleneck, [3, 4, 23, 3], [0, 2, 9, 0]),
+}
+
+
+def stage_channels(layer):
+    """Output channels of a ResNet stage (``nn.Sequential`` of blocks)."""
+    last = layer[-1]
+    return (last.bn3 if hasattr(last, "bn3") else last.bn2).num_features
+
+
+class StagedResNet(ResNet):
+    """fast-reid's ResNet whose stages can be run one at a time.
+
+    Args:
+        last_stride (int): stride of layer4 (1 for re-ID).
+        bn_norm, with_ibn, with_se, with_nl: as fast-reid's ``ResNet``.
+        depth (str): "18x", "34x", "50x" or "101x".
+        inserts (dict[str, nn.Module] | None): stage name -> module applied to that stage's
+            output, [N, C, H, W] -> [N, C, H, W]. Stored in ``self.inserts``.
+    """
+
+    def __init__(
+        self,
+        last_stride=1,
+        bn_norm="BN",
+        with_ibn=False,
+        with_se=False,
+        with_nl=False,
+        depth="50x",
+        inserts=None,
+    ):
+        if depth not in _BLOCKS:
+            raise ValueError(f"MODEL.BACKBONE.DEPTH={depth!r}; expected one of {list(_BLOCKS)}")
+        block, layers, nl_layers = _BLOCKS[depth]
+        super().__init__(last_stride, bn_norm, with_ibn, with_se, with_nl, block, layers, nl_layers)
+        self.depth = depth
+        self.inserts = nn.ModuleDict()
+        for name, module in (inserts or {}).items():
+            if name not in STAGES:
+                raise ValueError(f"cannot insert after '{name}'; expected one of {STAGES}")
+            self.inserts[name] = module
+
+    @property
+    def channels(self):
+        """dict[str, int]: output channels of each stage."""
+        return {s: stage_channels(getattr(self, s)) for s in STAGES}
+
+    def stem(self, x):
+        """conv1, bn1, relu, maxpool.
+
+        Args:
+            x (Tensor): [N, 3, H, W] normalised images.
+        Returns:
+            Tensor: [N, 64, H/4, W/4]
+        """
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+
+    def run_stage(self, name, x, insert=True):
+        """Run one stage, its non-local blocks and (if ``insert``) its inserted module.
+
+        Args:
+            name (str): "layer1".."layer4".
+            x (Tensor): the previous stage's output.
+            insert (bool): apply ``self.inserts[name]`` if present.
+        Returns:
+            Tensor: [N, C_stage, H_stage, W_stage]
+        """
+        k = STAGES.index(name) + 1
+        nl_idx = getattr(self, f"NL_{k}_idx")
+        nl_blocks = getattr(self, f"NL_{k}", None)
+        counter = 0
+        for i, blk in enumerate(getattr(self, name)):
+            x = blk(x)
+            if counter < len(nl_idx) and i == nl_idx[counter]:
+                x = nl_blocks[counter](x)
+                counter += 1
+        if insert and name in self.inserts:
+            x = self.inserts[name](x)
+        return x
+
+    def forward_stages(self, x, stages=STAGES):
+        """Run the network and return the requested stage outputs.
+
+        Args:
+            x (Tensor): [N, 3, H, W] normalised images.
+            stages (Iterable[str]): names among "stem", "layer1".."layer4"; the network runs
+                only as deep as the deepest one requested.
+        Returns:
+            dict[str, Tensor]: stage name -> output (after its inserted module).
+        """
+        wanted = set(stages)
+        unknown = wanted - set(("stem",) + STAGES)
+        if unknown:
+            raise ValueError(f"unknown stages {sorted(unknown)}; expected stem or {STAGES}")
+        out = {}
+        x = self.stem(x)
+        if "stem" in wanted:
+            out["stem"] = x
+        last = max((STAGES.index(s) for s in wanted if s in STAGES), default=-1)
+        for name in STAGES[: last + 1]:
+            x = self.run_stage(name, x)
+            if name in wanted:
+                out[name] = x
+        return out
+
+    def forward(self, x):
+        """Args:
+            x (Tensor): [N, 3, H, W] normalised images.
+        Returns:
+            Tensor: layer4 output [N, C, H/16 or H/32, ...]."""
+        return self.forward_stages(x, ("layer4",))["layer4"]
+
+
+def load_pretrained(model, path):
+    """Load ImageNet weights (torchvision or fast-reid key names) from a local file.
+
+    Args:
+        model (nn.Module): a :class:`StagedResNet` (or fast-reid ResNet).
+        path (str): ``MODEL.BACKBONE.PRETRAIN_PATH``.
+    Returns:
+        dict: ``{"loaded": [...], "missing": [...], "unexpected": [...]}`` key lists.
+    """
+    if not path:
+        raise FileNotFoundError(
+            "MODEL.BACKBONE.PRETRAIN is True but MODEL.BACKBONE.PRETRAIN_PATH is empty: no "
+            "ImageNet weights can be downloaded here. Point PRETRAIN_PATH at a local "
+            "torchvision ResNet checkpoint (e.g. resnet50-0676ba61.pth) or set PRETRAIN False."
+        )
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"MODEL.BACKBONE.PRETRAIN_PATH: ImageNet weights file not found: '{path}'"
+        )
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    reshaped = sorted(k for k in state if k in own and k not in usable)
+    result = model.load_state_dict(usable, strict=False)
+    report = {
+        "loaded": sorted(usable),
+        "missing": sorted(result.missing_keys),
+        "unexpected": sorted(k for k in state if k not in own) + reshaped,
+    }
+    logger.info(
+        "Loaded %d tensors of ImageNet weights from %s; %d model keys not in the file "
+        "(randomly initialised): %s; %d file keys skipped: %s",
+        len(report["loaded"]),
+        path,
+        len(report["missing"]),
+        report["missing"][:20],
+        len(report["unexpected"]),
+        report["unexpected"][:20],
+    )
+    if not report["loaded"]:
+        raise ValueError(f"'{path}' holds no tensor that fits the backbone: is it a ResNet?")
+    return report
+
+
+def parse_inserts(cfg, channels):
+    """Build the modules named in ``cfg.MODEL.BACKBONE.INSERTS`` (entries "layerK:Name").
+
+    Args:
+        cfg (CfgNode)
+        channels (dict[str, int]): output channels of each stage.
+    Returns:
+        dict[str, nn.Module]: stage -> module (several per stage are chained in order).
+    """
+    per_stage = {}
+    for entry in cfg.MODEL.BACKBONE.INSERTS:
+        stage, sep, name = str(entry).partition(":")
+        if not sep or stage not in STAGES:
+            raise ValueError(
+                f"MODEL.BACKBONE.INSERTS entry {entry!r}: expected 'layerK:Name' with layerK "
+                f"in {STAGES}"
+            )
+        module = STAGE_MODULE_REGISTRY.get(name)(cfg, stage, channels[stage])
+        per_stage.setdefault(stage, []).append(module)
+    return {s: (m[0] if len(m) == 1 else nn.Sequential(*m)) for s, m in per_stage.items()}
+
+
+def build_staged_resnet(cfg):
+    """A :class:`StagedResNet` from ``cfg.MODEL.BACKBONE`` (DEPTH, LAST_STRIDE, NORM,
+    WITH_IBN/SE/NL, PRETRAIN, PRETRAIN_PATH, INSERTS)."""
+    bb = cfg.MODEL.BACKBONE
+    model = StagedResNet(bb.LAST_STRIDE, bb.NORM, bb.WITH_IBN, bb.WITH_SE, bb.WITH_NL, bb.DEPTH)
+    if bb.PRETRAIN:
+        load_pretrained(model, bb.PRETRAIN_PATH)
+    # Inserted modules are new: created after the ImageNet weights so that they keep their
+    # own initialisation (e.g. zero-initialised residual BN making them the identity).
+    for stage, module in parse_inserts(cfg, model.channels).items():
+        model.inserts[stage] = module
+    return model
+
+
+@BACKBONE_REGISTRY.register()
+def build_staged_resnet_backbone(cfg):
+    """Registered backbone builder: ``MODEL.BACKBONE.NAME: build_staged_resnet_backbone``.
+
+    A drop-in for fast-reid's ``build_resnet_backbone`` (identical weights and output) that
+    also honours ``MODEL.BACKBONE.INSERTS`` and exposes :meth:`StagedResNet.forward_stages`.
+    """
+    return build_staged_resnet(cfg)

@@ -1,0 +1,86 @@
+"""Shared tiny CPU fixtures."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from reidzoo.config import get_cfg
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.environ.get("REIDZOO_SHARED_DATA", os.path.join(REPO, "..", "shared", "data"))
+
+
+def write_market(root, num_ids=6, cams=2, per_cam=2, size=(64, 32), seed=0):
+    """A tiny Market-1501-layout dataset of random-colour images; returns the folder."""
+    rng = np.random.default_rng(seed)
+    base = os.path.join(root, "Market-1501-v15.09.15")
+    for sub in ("bounding_box_train", "query", "bounding_box_test"):
+        os.makedirs(os.path.join(base, sub), exist_ok=True)
+    h, w = size
+    for pid in range(1, num_ids + 1):
+        colour = rng.integers(0, 255, 3)
+        for cam in range(1, cams + 1):
+            for k in range(per_cam):
+                img = np.clip(colour + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+                name = f"{pid:04d}_c{cam}s1_{k:06d}_00.jpg"
+                Image.fromarray(img).save(os.path.join(base, "bounding_box_train", name))
+                sub = "query" if (cam == 1 and k == 0) else "bounding_box_test"
+                Image.fromarray(img).save(os.path.join(base, sub, name))
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_market(tmp_path_factory):
+    return write_market(str(tmp_path_factory.mktemp("market")))
+
+
+def tiny_cfg(root, output_dir, **overrides):
+    """A ResNet-18 Baseline on 64x32 images, batch 8 (P=4 x K=2), CPU, no workers."""
+    cfg = get_cfg()
+    cfg.merge_from_list(
+        [
+            "MODEL.DEVICE", "cpu",
+            "MODEL.BACKBONE.NAME", "build_staged_resnet_backbone",
+            "MODEL.BACKBONE.DEPTH", "18x",
+            "MODEL.BACKBONE.FEAT_DIM", 512,
+            "MODEL.BACKBONE.PRETRAIN", False,
+            "MODEL.HEADS.NAME", "EmbeddingHead",
+            "MODEL.HEADS.NECK_FEAT", "before",
+            "MODEL.HEADS.WITH_BNNECK", True,
+            "MODEL.HEADS.POOL_LAYER", "GlobalAvgPool",
+            "MODEL.HEADS.CLS_LAYER", "Linear",
+            "MODEL.LOSSES.NAME", ("CrossEntropyLoss", "TripletLoss"),
+            "MODEL.LOSSES.TRI.HARD_MINING", True,
+            "INPUT.SIZE_TRAIN", [64, 32],
+            "INPUT.SIZE_TEST", [64, 32],
+            "DATASETS.NAMES", ("Market1501",),
+            "DATASETS.TESTS", ("Market1501",),
+            "DATASETS.ROOT", root,
+            "DATALOADER.SAMPLER_TRAIN", "NaiveIdentitySampler",
+            "DATALOADER.NUM_INSTANCE", 2,
+            "DATALOADER.NUM_WORKERS", 0,
+            "SOLVER.IMS_PER_BATCH", 8,
+            "SOLVER.OPT", "Adam",
+            "SOLVER.BASE_LR", 1e-3,
+            "SOLVER.MAX_EPOCH", 2,
+            "SOLVER.WARMUP_ITERS", 0,
+            "SOLVER.STEPS", [100],
+            "SOLVER.CHECKPOINT_PERIOD", 1,
+            "TEST.EVAL_PERIOD", 100,
+            "TEST.IMS_PER_BATCH", 16,
+            "OUTPUT_DIR", output_dir,
+            "REIDZOO.SEED", 0,
+        ]
+    )
+    for k, v in overrides.items():
+        cfg.merge_from_list([k, v])
+    return cfg
+
+
+@pytest.fixture
+def seeded():
+    torch.manual_seed(0)
+    np.random.seed(0)
