@@ -158,6 +158,12 @@ def setup_cfg(config_file="", opts=(), freeze=True):
     cfg = get_cfg()
     if config_file:
         cfg.merge_from_file(config_file)
+    for key in opts[0::2]:
+        node = cfg
+        for part in key.split("."):
+            if not isinstance(node, CfgNode) or part not in node:
+                raise KeyError(f"unknown config key '{key}' in the KEY VALUE overrides")
+            node = node[part]
     cfg.merge_from_list(opts)
     if freeze:
         cfg.freeze()

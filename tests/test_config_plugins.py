@@ -1,0 +1,189 @@
+"""Config hooks, registries, transform splicing and the two plugin routes."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torchvision.transforms as T
+
+from reidzoo.config import add_node, add_reidzoo_config, get_cfg, setup_cfg
+from reidzoo.data.transforms import build_transforms_with_registry
+from reidzoo.registry import TRANSFORM_REGISTRY
+from tests.conftest import REPO
+
+TOY_MODULE = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+    from reidzoo.config import add_node, register_config
+    from reidzoo.registry import BACKBONE_REGISTRY, HEADS_REGISTRY, TRANSFORM_REGISTRY
+
+
+    @register_config
+    def add_toy_config(cfg):
+        add_node(cfg, "MODEL.TOY", {"WIDTH": 4})
+
+
+    @BACKBONE_REGISTRY.register()
+    def build_toy_backbone(cfg):
+        return nn.Conv2d(3, cfg.MODEL.TOY.WIDTH, 3, stride=4, padding=1)
+
+
+    @HEADS_REGISTRY.register()
+    class ToyHead(nn.Module):
+        def __init__(self, cfg):
+            super().__init__()
+            self.width = cfg.MODEL.TOY.WIDTH
+
+        def forward(self, features, targets=None):
+            return features.mean((2, 3))
+
+
+    @TRANSFORM_REGISTRY.register()
+    class ToyTransform:
+        stage = "pil"
+
+        def __init__(self, cfg, is_train):
+            self.is_train = is_train
+
+        def __call__(self, img):
+            return img
+    """
+)
+
+CHECK = textwrap.dedent(
+    """
+    import sys, torch
+    from fastreid.modeling.meta_arch import build_model
+    from reidzoo.config import setup_cfg
+    from reidzoo.data.transforms import build_transforms_with_registry
+    cfg = setup_cfg(sys.argv[1], sys.argv[2:])
+    model = build_model(cfg).eval()
+    out = model(torch.rand(2, 3, 64, 32) * 255)
+    names = [type(t).__name__ for t in build_transforms_with_registry(cfg, True).transforms]
+    print("RESULT", type(model.backbone).__name__, type(model.heads).__name__,
+          tuple(out.shape), names.index("ToyTransform") < names.index("ToTensor"))
+    """
+)
+
+YAML = textwrap.dedent(
+    """
+    MODEL:
+      DEVICE: cpu
+      BACKBONE: {{NAME: build_toy_backbone}}
+      HEADS: {{NAME: ToyHead, NUM_CLASSES: 3}}
+      TOY: {{WIDTH: 7}}
+    INPUT: {{TRANSFORMS: [ToyTransform], SIZE_TRAIN: [64, 32], SIZE_TEST: [64, 32]}}
+    {extra}
+    """
+)
+
+
+def _run(tmp_path, yaml_extra, env_extra):
+    (tmp_path / "toy_plugin_mod.py").write_text(TOY_MODULE)
+    (tmp_path / "check.py").write_text(CHECK)
+    cfg_file = tmp_path / "toy.yml"
+    cfg_file.write_text(YAML.format(extra=yaml_extra))
+    env = dict(os.environ, PYTHONPATH=str(tmp_path), **env_extra)
+    r = subprocess.run(
+        [sys.executable, str(tmp_path / "check.py"), str(cfg_file)],
+        capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout.split("RESULT", 1)[1].split()
+
+
+def test_plugin_via_custom_imports(tmp_path):
+    out = _run(tmp_path, "REIDZOO: {CUSTOM_IMPORTS: [toy_plugin_mod]}", {})
+    assert out == ["Conv2d", "ToyHead", "(2,", "7)", "True"]
+
+
+def test_plugin_via_entry_point(tmp_path):
+    dist = tmp_path / "toy_plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[reidzoo.plugins]\ntoy = toy_plugin_mod\n")
+    out = _run(tmp_path, "", {})
+    assert out == ["Conv2d", "ToyHead", "(2,", "7)", "True"]
+
+
+def test_plugin_missing_module_is_named(tmp_path):
+    cfg_file = tmp_path / "bad.yml"
+    cfg_file.write_text("REIDZOO: {CUSTOM_IMPORTS: [no_such_plugin_module]}\n")
+    with pytest.raises(ImportError, match="no_such_plugin_module"):
+        setup_cfg(str(cfg_file))
+
+
+def test_hooks_are_idempotent_and_never_overwrite():
+    cfg = get_cfg()
+    cfg.REIDZOO.STRICT_LOAD = False
+    before = cfg.dump()
+    add_reidzoo_config(cfg)
+    assert cfg.dump() == before and cfg.REIDZOO.STRICT_LOAD is False
+    with pytest.raises(KeyError, match="MODEL.DEVICE"):
+        add_node(cfg, "MODEL.DEVICE", {"X": 1})
+    node = add_node(cfg, "MODEL.NEWNODE", {"A": 1, "B": {"C": 2}})
+    node.A = 5
+    add_node(cfg, "MODEL.NEWNODE", {"A": 1, "B": {"C": 2, "D": 3}})
+    assert cfg.MODEL.NEWNODE.A == 5 and cfg.MODEL.NEWNODE.B.D == 3
+
+
+def test_unknown_config_key_is_named(tmp_path):
+    f = tmp_path / "c.yml"
+    f.write_text("MODEL:\n  BACKBONE:\n    DEPHT: 50x\n")
+    with pytest.raises(KeyError, match="MODEL.BACKBONE.DEPHT"):
+        setup_cfg(str(f))
+    with pytest.raises(KeyError, match="SOLVER.NOPE"):
+        setup_cfg("", ["SOLVER.NOPE", "1"])
+    with pytest.raises(FileNotFoundError, match="missing.yml"):
+        setup_cfg(str(tmp_path / "missing.yml"))
+
+
+def test_unknown_component_names_list_registered():
+    from fastreid.modeling.meta_arch import build_model
+
+    cfg = get_cfg()
+    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.BACKBONE.NAME", "nope_backbone"])
+    with pytest.raises(KeyError, match="build_staged_resnet_backbone"):
+        build_model(cfg)
+    cfg.INPUT.TRANSFORMS = ["NoSuchTransform"]
+    with pytest.raises(KeyError, match="TRANSFORM"):
+        build_transforms_with_registry(cfg, True)
+
+
+class _AddOne:
+    stage = "tensor"
+
+    def __init__(self, cfg, is_train):
+        pass
+
+    def __call__(self, x):
+        return x + 1
+
+
+def test_tensor_stage_runs_after_to_tensor():
+    if "ZooTestAddOne" not in TRANSFORM_REGISTRY._obj_map:
+        TRANSFORM_REGISTRY._do_register("ZooTestAddOne", _AddOne)
+    cfg = get_cfg()
+    cfg.INPUT.SIZE_TEST = [8, 4]
+    cfg.INPUT.TRANSFORMS = ["ZooTestAddOne"]
+    pipe = build_transforms_with_registry(cfg, is_train=False)
+    names = [type(t).__name__ for t in pipe.transforms]
+    assert names == ["Resize", "ToTensor", "_AddOne"]
+    from PIL import Image
+
+    out = pipe(Image.new("RGB", (4, 8), (10, 20, 30)))
+    assert torch.equal(out[:, 0, 0], torch.tensor([11.0, 21.0, 31.0]))
+    assert isinstance(pipe, T.Compose)
+
+
+def test_editable_install_imports_from_any_directory(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-c", "import reidzoo, reidzoo.projects; print(reidzoo.__file__)"],
+        capture_output=True, text=True, cwd=str(tmp_path),
+    )
+    assert r.returncode == 0, r.stderr
+    assert os.path.realpath(r.stdout.strip()).startswith(os.path.realpath(REPO))
