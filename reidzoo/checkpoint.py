@@ -23,6 +23,9 @@ def atomic_write(path, write_fn, mode="wb"):
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make checkpoints private
     try:
         with os.fdopen(fd, mode) as f:
             write_fn(f)
@@ -53,6 +56,7 @@ def check_compatible(model_state, ckpt_state, source):
         f"{k}: checkpoint {tuple(ckpt_state[k].shape)} vs model {tuple(model_state[k].shape)}"
         for k in model_state
         if k in ckpt_state
+        and model_state[k].numel() > 0  # NUM_CLASSES 0: a classifier not sized yet
         and hasattr(ckpt_state[k], "shape")
         and tuple(ckpt_state[k].shape) != tuple(model_state[k].shape)
     )

@@ -191,7 +191,9 @@ def test_train_net_cli_train_then_eval_only(tiny_market, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "mAP" in r.stdout + r.stderr
     metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.json"))]
-    assert any("Market1501/mAP" in m or "mAP" in m for m in metrics)
+    assert metrics and all("total_loss" in m for m in metrics)
+    with open(os.path.join(out, "results.json")) as f:
+        assert 0 <= json.load(f)["results"]["mAP"] <= 100
     r = _run_train_net(
         ["--config-file", cfg_file, "--eval-only", "MODEL.WEIGHTS", f"{out}/model_final.pth"]
     )
@@ -216,7 +218,7 @@ def test_eval_only_rejects_checkpoint_of_another_model(tiny_market, tmp_path):
     )
     assert r.returncode != 0
     assert "does not match the model" in r.stderr
-    assert "missing keys" in r.stderr and "unexpected keys" in r.stderr
+    assert "missing keys" in r.stderr and "backbone.layer1.2.conv1.weight" in r.stderr
 
 
 def test_two_cpu_processes_end_with_identical_weights(tiny_market, tmp_path):
@@ -251,6 +253,9 @@ def test_two_cpu_processes_end_with_identical_weights(tiny_market, tmp_path):
     b = torch.load(f"{out}/rank1.pt")
     init = ReidTrainer.build_model(tiny_cfg(tiny_market, out, **{"MODEL.HEADS.NUM_CLASSES": 6}))
     assert set(a) == set(b)
-    for k in a:
+    # Parameters are identical; BN running statistics stay per rank, as in fast-reid
+    # (broadcast_buffers=False) and rank 0's are the ones checkpointed.
+    params = [n for n, _ in init.named_parameters()]
+    for k in params:
         assert torch.equal(a[k], b[k]), k
-    assert any(not torch.equal(a[k], init.state_dict()[k]) for k in a if "weight" in k)
+    assert any(not torch.equal(a[k], init.state_dict()[k]) for k in params)

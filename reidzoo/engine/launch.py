@@ -1,6 +1,8 @@
 """What ``train_net.py`` runs: argument parsing, setup, train or evaluate, multi-process."""
 
+import json
 import logging
+import os
 
 from fastreid.engine import default_argument_parser as _fastreid_parser
 from fastreid.engine import default_setup
@@ -8,7 +10,7 @@ from fastreid.engine import launch as _fastreid_launch
 from fastreid.utils import comm
 from fastreid.utils.env import seed_all_rng
 
-from reidzoo.checkpoint import load_weights
+from reidzoo.checkpoint import atomic_write, load_weights
 from reidzoo.config import setup_cfg
 
 logger = logging.getLogger(__name__)
@@ -63,10 +65,43 @@ def main(args, trainer_cls=None):
         if not cfg.MODEL.WEIGHTS:
             raise ValueError("--eval-only needs MODEL.WEIGHTS (a checkpoint to evaluate)")
         load_weights(model, cfg.MODEL.WEIGHTS, strict=cfg.REIDZOO.STRICT_LOAD)
-        return trainer_cls.test(cfg, model)
+        results = trainer_cls.test(cfg, model)
+        write_results(cfg, results, "results_eval.json")
+        return results
     trainer = trainer_cls(cfg)
     trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
+    results = trainer.train()
+    write_results(cfg, results, "results.json")
+    return results
+
+
+def write_results(cfg, results, name):
+    """Write evaluation results to ``OUTPUT_DIR/name`` (main process, atomic).
+
+    Args:
+        cfg (CfgNode)
+        results (dict): metric -> value (or dataset -> metric -> value).
+        name (str): file name.
+    """
+    if not (comm.is_main_process() and cfg.OUTPUT_DIR and results):
+        return
+    payload = {
+        "weights": cfg.MODEL.WEIGHTS,
+        "datasets": list(cfg.DATASETS.TESTS),
+        "results": _plain(results),
+    }
+    path = os.path.join(cfg.OUTPUT_DIR, name)
+    atomic_write(path, lambda f: json.dump(payload, f, indent=2), mode="w")
+    logger.info("Evaluation results written to %s", path)
+
+
+def _plain(obj):
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    try:
+        return float(obj)
+    except (TypeError, ValueError):
+        return str(obj)
 
 
 def launch(main_func, num_gpus_per_machine, num_machines=1, machine_rank=0, dist_url=None, args=()):

@@ -106,6 +106,8 @@ class ReidTrainer(DefaultTrainer):
         if not logging.getLogger("fastreid").isEnabledFor(logging.INFO):
             setup_logger()
         cfg = prepare_cfg(cfg)
+        if comm.is_main_process() and cfg.OUTPUT_DIR:
+            os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
         data_loader = self.build_train_loader(cfg)
         num_images = len(data_loader.dataset)
         cfg = self.auto_scale_hyperparams(cfg, data_loader.dataset.num_classes)

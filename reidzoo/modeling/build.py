@@ -1,0 +1,58 @@
+"""Building a model for inference (export, complexity, feature extraction) from a config."""
+
+import logging
+
+from reidzoo import config as _config  # noqa: F401  (compat fixes, config hooks)
+
+logger = logging.getLogger(__name__)
+
+
+def build_eval_model(cfg, load_weights=True):
+    """Build the model described by ``cfg``, load ``MODEL.WEIGHTS`` and put it in eval mode.
+
+    Plugins (entry points and ``REIDZOO.CUSTOM_IMPORTS``) are imported first, so that the
+    meta-architectures, backbones and heads they register can be built. When ``MODEL.WEIGHTS``
+    is set and ``REIDZOO.STRICT_LOAD`` is True every weight is overwritten by the checkpoint,
+    so ImageNet initialisation (``MODEL.BACKBONE.PRETRAIN``) is skipped: it would be thrown
+    away, and it may not be available offline.
+
+    Args:
+        cfg (CfgNode): a full reidzoo config (frozen or not; it is not modified).
+        load_weights (bool): load ``MODEL.WEIGHTS`` (if set). False builds the model with its
+            initial weights and no warning, for tools that never look at weight values.
+    Returns:
+        nn.Module: fastreid's model on ``cfg.MODEL.DEVICE`` in eval mode; its forward takes
+        images [N, 3, H, W] (float, 0-255) or ``{"images": ...}`` and returns features [N, D].
+    Raises:
+        FileNotFoundError: ``MODEL.WEIGHTS`` names a file that does not exist.
+        reidzoo.checkpoint.CheckpointMismatchError: the checkpoint does not fit the model and
+            ``REIDZOO.STRICT_LOAD`` is True.
+    """
+    from fastreid.modeling.meta_arch import build_model
+
+    from reidzoo.checkpoint import load_weights as _load_weights
+    from reidzoo.plugins import import_custom_modules, load_plugins
+
+    load_plugins()
+    reidzoo_node = cfg.get("REIDZOO", None)
+    if reidzoo_node is not None:
+        import_custom_modules(reidzoo_node.get("CUSTOM_IMPORTS", []) or [])
+    strict = bool(reidzoo_node.get("STRICT_LOAD", True)) if reidzoo_node is not None else True
+    weights = cfg.MODEL.WEIGHTS if load_weights else ""
+
+    if weights and strict and cfg.MODEL.BACKBONE.PRETRAIN:
+        cfg = cfg.clone()
+        cfg.defrost()
+        cfg.MODEL.BACKBONE.PRETRAIN = False
+        cfg.freeze()
+
+    model = build_model(cfg)
+    if weights:
+        _load_weights(model, weights, strict=strict)
+        logger.info("loaded weights from %s", weights)
+    elif load_weights:
+        logger.warning(
+            "MODEL.WEIGHTS is empty: the model has random (or ImageNet-initialised) weights; "
+            "its outputs are meaningless for re-identification"
+        )
+    return model.eval()
