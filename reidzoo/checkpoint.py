@@ -65,7 +65,9 @@ def check_compatible(model_state, ckpt_state, source):
         def _fmt(title, items):
             if not items:
                 return ""
-            head = ", ".join(items[:20]) + (f", ... ({len(items)} in all)" if len(items) > 20 else "")
+            head = ", ".join(items[:20]) + (
+                f", ... ({len(items)} in all)" if len(items) > 20 else ""
+            )
             return f"\n  {title} ({len(items)}): {head}"
 
         raise CheckpointMismatchError(

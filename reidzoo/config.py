@@ -99,6 +99,8 @@ def add_reidzoo_config(cfg):
             # Seed for Python, numpy and torch RNGs (rank is added); negative: fast-reid's
             # default of a fresh random seed per run.
             "SEED": -1,
+            # Iterations between the trainer's progress/ETA lines (fast-reid hard-codes 200).
+            "LOG_PERIOD": 20,
         },
     )
     # Dataset root; empty means $FASTREID_DATASETS, else "datasets" (fast-reid's rule).

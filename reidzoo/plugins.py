@@ -63,7 +63,5 @@ def import_custom_modules(names):
         try:
             modules.append(importlib.import_module(name))
         except ImportError as e:
-            raise ImportError(
-                f"REIDZOO.CUSTOM_IMPORTS: cannot import module '{name}': {e}"
-            ) from e
+            raise ImportError(f"REIDZOO.CUSTOM_IMPORTS: cannot import module '{name}': {e}") from e
     return modules

@@ -90,7 +90,11 @@ def _run(tmp_path, yaml_extra, env_extra):
     env = dict(os.environ, PYTHONPATH=str(tmp_path), **env_extra)
     r = subprocess.run(
         [sys.executable, str(tmp_path / "check.py"), str(cfg_file)],
-        capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=300,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=str(tmp_path),
+        timeout=300,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stdout.split("RESULT", 1)[1].split()
@@ -183,7 +187,9 @@ def test_tensor_stage_runs_after_to_tensor():
 def test_editable_install_imports_from_any_directory(tmp_path):
     r = subprocess.run(
         [sys.executable, "-c", "import reidzoo, reidzoo.projects; print(reidzoo.__file__)"],
-        capture_output=True, text=True, cwd=str(tmp_path),
+        capture_output=True,
+        text=True,
+        cwd=str(tmp_path),
     )
     assert r.returncode == 0, r.stderr
     assert os.path.realpath(r.stdout.strip()).startswith(os.path.realpath(REPO))

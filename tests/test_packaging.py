@@ -53,7 +53,9 @@ def _bare_venv(path):
     py = str(path / "bin" / "python")
     purelib = subprocess.run(
         [py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.strip()
     with open(os.path.join(purelib, "zz_parent_env.pth"), "w") as f:
         f.write(_site_packages() + "\n")
@@ -67,8 +69,14 @@ def _probe(py, cwd):
 
 
 def test_wheel_contains_mapped_project(repo_with_toy_project, tmp_path):
-    _pip("wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path),
-         str(repo_with_toy_project))
+    _pip(
+        "wheel",
+        "--no-deps",
+        "--no-build-isolation",
+        "-w",
+        str(tmp_path),
+        str(repo_with_toy_project),
+    )
     (wheel,) = [f for f in os.listdir(tmp_path) if f.endswith(".whl")]
     names = zipfile.ZipFile(tmp_path / wheel).namelist()
     assert "reidzoo/projects/toy_pkg/__init__.py" in names
@@ -83,8 +91,13 @@ def test_wheel_contains_mapped_project(repo_with_toy_project, tmp_path):
 def test_install_imports_from_any_directory(repo_with_toy_project, tmp_path, editable):
     py = _bare_venv(tmp_path / "venv")
     src = str(repo_with_toy_project)
-    _pip("install", "--no-deps", "--no-build-isolation", *(["-e", src] if editable else [src]),
-         python=py)
+    _pip(
+        "install",
+        "--no-deps",
+        "--no-build-isolation",
+        *(["-e", src] if editable else [src]),
+        python=py,
+    )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     out = _probe(py, str(elsewhere))

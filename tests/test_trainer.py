@@ -82,7 +82,7 @@ def test_iteration_schedule(tiny_market, tmp_path):
     trainer = ReidTrainer(cfg)
     assert trainer.max_iter == 5 and trainer.iters_per_epoch == 1
     lrs = []
-    for epoch in range(5):
+    for _ in range(5):
         lrs.append(trainer.optimizer.param_groups[0]["lr"])
         trainer.scheduler["lr_sched"].step()
     assert lrs == pytest.approx([1e-3, 1e-3, 1e-4, 1e-4, 1e-5])
@@ -204,16 +204,19 @@ def test_train_net_cli_train_then_eval_only(tiny_market, tmp_path):
 def test_eval_only_rejects_checkpoint_of_another_model(tiny_market, tmp_path):
     out = str(tmp_path / "run")
     cfg = tiny_cfg(tiny_market, out)
-    model = ReidTrainer.build_model(
-        tiny_cfg(tiny_market, out, **{"MODEL.HEADS.NUM_CLASSES": 6})
-    )
+    model = ReidTrainer.build_model(tiny_cfg(tiny_market, out, **{"MODEL.HEADS.NUM_CLASSES": 6}))
     os.makedirs(out, exist_ok=True)
     torch.save({"model": model.state_dict()}, os.path.join(out, "other.pth"))
     cfg_file = _write_cfg(cfg, tmp_path / "cfg.yaml")
     r = _run_train_net(
         [
-            "--config-file", cfg_file, "--eval-only",
-            "MODEL.WEIGHTS", f"{out}/other.pth", "MODEL.BACKBONE.DEPTH", "34x",
+            "--config-file",
+            cfg_file,
+            "--eval-only",
+            "MODEL.WEIGHTS",
+            f"{out}/other.pth",
+            "MODEL.BACKBONE.DEPTH",
+            "34x",
         ]
     )
     assert r.returncode != 0
@@ -246,7 +249,10 @@ def test_two_cpu_processes_end_with_identical_weights(tiny_market, tmp_path):
     )
     r = subprocess.run(
         [sys.executable, str(script), "--num-gpus", "2", "--config-file", cfg_file],
-        capture_output=True, text=True, timeout=600, cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
     )
     assert r.returncode == 0, r.stderr[-4000:]
     a = torch.load(f"{out}/rank0.pt")

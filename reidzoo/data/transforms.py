@@ -65,4 +65,6 @@ def build_transforms_with_registry(cfg, is_train=True):
     Returns:
         T.Compose
     """
-    return splice(build_transforms(cfg, is_train=is_train), build_registered_transforms(cfg, is_train))
+    return splice(
+        build_transforms(cfg, is_train=is_train), build_registered_transforms(cfg, is_train)
+    )

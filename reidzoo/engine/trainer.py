@@ -163,6 +163,17 @@ class ReidTrainer(DefaultTrainer):
             self.start_epoch = checkpoint.get("epoch", -1) + 1
             logger.info("Resuming at epoch %d", self.start_epoch)
 
+    def build_hooks(self):
+        """fast-reid's hooks, with the progress/ETA lines every ``REIDZOO.LOG_PERIOD``
+        iterations instead of every 200."""
+        from fastreid.engine import hooks
+
+        ret = super().build_hooks()
+        for h in ret:
+            if isinstance(h, hooks.PeriodicWriter):
+                h._period = self.cfg.REIDZOO.LOG_PERIOD
+        return ret
+
     @classmethod
     def build_model(cls, cfg):
         model = build_model(cfg)
