@@ -4,10 +4,30 @@ from reidzoo import compat
 
 compat.apply()
 
+from .datasets import (  # noqa: E402  (importing registers the datasets)
+    NUM_SPLITS,
+    PRID450S,
+    SyntheticReID,
+    VIPeRSingleShot,
+    dataset_kwargs,
+    summarize_splits,
+    synthetic_kwargs,
+)
 from .transforms import (  # noqa: E402
     build_registered_transforms,
     build_transforms_with_registry,
     splice,
 )
 
-__all__ = ["build_registered_transforms", "build_transforms_with_registry", "splice"]
+__all__ = [
+    "NUM_SPLITS",
+    "PRID450S",
+    "SyntheticReID",
+    "VIPeRSingleShot",
+    "build_registered_transforms",
+    "build_transforms_with_registry",
+    "dataset_kwargs",
+    "splice",
+    "summarize_splits",
+    "synthetic_kwargs",
+]
