@@ -33,6 +33,8 @@ FIXES = (
     "checkpoint_load",
     "event_storage",
     "registry_names",
+    "small_gallery_cmc",
+    "printer_same_iter",
 )
 
 
@@ -59,6 +61,8 @@ def apply():
     _fix_checkpoint_load()
     _fix_event_storage()
     _fix_registry_names()
+    _fix_small_gallery_cmc()
+    _fix_printer_same_iter()
     _APPLIED = True
     return FIXES
 
@@ -370,3 +374,55 @@ def _fix_registry_names():
 
     ORIGINALS.setdefault("registry_names", Registry.get)
     Registry.get = get
+
+
+# --------------------------------------------------------------------------------------------
+# With fewer than 10 gallery images the CMC curve is cut at the gallery size and ReidEvaluator's
+# `cmc[r - 1]` for Rank-5/10 raises IndexError. Past the gallery size the CMC is flat, so pad it
+# with its last value up to max_rank.
+# --------------------------------------------------------------------------------------------
+def _fix_small_gallery_cmc():
+    import numpy as np
+    from fastreid.evaluation import rank
+
+    orig = rank.evaluate_rank
+    if getattr(orig, "_reidzoo_patched", False):
+        return
+
+    @functools.wraps(orig)
+    def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50, **kwargs):
+        out = orig(distmat, q_pids, g_pids, q_camids, g_camids, max_rank, **kwargs)
+        cmc = np.asarray(out[0])
+        if 0 < len(cmc) < max_rank:
+            cmc = np.concatenate([cmc, np.full(max_rank - len(cmc), cmc[-1], dtype=cmc.dtype)])
+            out = (cmc, *out[1:])
+        return out
+
+    ORIGINALS["small_gallery_cmc"] = orig
+    evaluate_rank._reidzoo_patched = True
+    rank.evaluate_rank = evaluate_rank
+
+
+# --------------------------------------------------------------------------------------------
+# CommonMetricPrinter estimates the ETA from the previous write while the iteration timer is
+# still warming up (< 3 iterations); a second write at the same iteration (end of step, then end
+# of epoch) divides by zero. A repeated write at the same iteration has nothing new to print.
+# --------------------------------------------------------------------------------------------
+def _fix_printer_same_iter():
+    from fastreid.utils import events
+
+    cls = events.CommonMetricPrinter
+    if getattr(cls.write, "_reidzoo_patched", False):
+        return
+    orig = cls.write
+
+    @functools.wraps(orig)
+    def write(self):
+        last = getattr(self, "_last_write", None)
+        if last is not None and last[0] == events.get_event_storage().iter:
+            return
+        return orig(self)
+
+    ORIGINALS["printer_same_iter"] = orig
+    write._reidzoo_patched = True
+    cls.write = write

@@ -179,3 +179,35 @@ def test_fastreid_checkpoint_loads(tmp_path):
         torch.load(path, map_location="cpu")  # weights_only=True default refuses numpy scalars
     out = Checkpointer(torch.nn.Linear(2, 2)).load(path)
     assert out["epoch"] == 3
+
+
+def test_small_gallery_cmc_is_padded():
+    from fastreid.evaluation import rank
+
+    rng = np.random.default_rng(0)
+    dist = rng.random((3, 4))
+    q, g = np.array([1, 2, 3]), np.array([1, 2, 3, 4])
+    qc, gc = np.zeros(3, int), np.ones(4, int)
+    cmc_orig = compat.ORIGINALS["small_gallery_cmc"](dist, q, g, qc, gc)[0]
+    assert len(cmc_orig) == 4  # fast-reid's ReidEvaluator then fails on cmc[4] (Rank-5)
+    cmc, aps, inps = rank.evaluate_rank(dist, q, g, qc, gc)
+    assert len(cmc) == 50
+    assert np.array_equal(cmc[:4], cmc_orig) and (cmc[4:] == cmc_orig[-1]).all()
+    assert cmc[-1] == 1.0
+
+
+def test_metric_printer_twice_in_one_iteration():
+    from fastreid.utils.events import CommonMetricPrinter, EventStorage
+
+    with EventStorage(0) as storage:
+        storage.epoch = 0  # set by the trainer's before_epoch
+        storage.put_scalar("total_loss", 1.0)
+        printer = CommonMetricPrinter(max_iter=2)
+        printer.write()
+        with pytest.raises(ZeroDivisionError):
+            compat.ORIGINALS["printer_same_iter"](printer)
+        printer.write()  # the second write at the same iteration is skipped
+        storage.step()
+        storage.put_scalar("total_loss", 0.5)
+        printer.write()
+        assert printer._last_write[0] == 1
