@@ -8,22 +8,7 @@ import pytest
 from reidzoo import complexity
 from reidzoo.config import get_cfg
 from reidzoo.modeling.build import build_eval_model
-
-TINY = [
-    "MODEL.DEVICE", "cpu",
-    "MODEL.BACKBONE.DEPTH", "18x",
-    "MODEL.BACKBONE.PRETRAIN", "False",
-    "MODEL.BACKBONE.FEAT_DIM", "512",  # ResNet-18's width (fastreid defaults to 2048)
-    "MODEL.HEADS.NUM_CLASSES", "10",
-    "MODEL.HEADS.NAME", "EmbeddingHead",
-    "INPUT.SIZE_TEST", "[64, 32]",
-]  # fmt: skip
-
-
-def _tiny_cfg(*extra):
-    cfg = get_cfg()
-    cfg.merge_from_list(TINY + list(extra))
-    return cfg
+from tests.test_export import _tiny_cfg
 
 
 @pytest.fixture(scope="module")
