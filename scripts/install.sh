@@ -44,5 +44,5 @@ trap 'rm -f "$CONSTRAINTS"' EXIT
 printf '%s\n%s\n' "$TORCH" "$TORCHVISION" > "$CONSTRAINTS"
 echo "[install] reidzoo (editable) with extras [$EXTRA,dev]"
 "${PIP[@]}" install -c "$CONSTRAINTS" -e "$ROOT[$EXTRA,dev]"
-"$PY" -c "import torch, fastreid, faiss, onnxruntime, reidzoo; print('[install] ok: torch', torch.__version__, '| fastreid', fastreid.__version__ if hasattr(fastreid, '__version__') else '1.4.0')"
+"$PY" -c "import importlib.metadata as m, torch, faiss, onnxruntime, reidzoo; print('[install] ok: torch', torch.__version__, '| fastreid', m.version('fastreid'), '| faiss', faiss.__version__)"
 echo "$SIG" > "$STAMP"

@@ -6,6 +6,7 @@ compat.apply()
 
 from .backbone import (  # noqa: E402
     STAGES,
+    Stage,
     StagedResNet,
     build_staged_resnet,
     build_staged_resnet_backbone,
@@ -15,6 +16,7 @@ from .backbone import (  # noqa: E402
 
 __all__ = [
     "STAGES",
+    "Stage",
     "StagedResNet",
     "build_staged_resnet",
     "build_staged_resnet_backbone",

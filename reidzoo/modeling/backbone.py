@@ -27,9 +27,23 @@ _BLOCKS = {
 }
 
 
+class Stage(nn.Sequential):
+    """A ResNet stage (its residual blocks, keys "0", "1", ...) plus an optional module named
+    ``inserted`` that runs after the last block.
+
+    Because the insert is part of the stage, any code that uses ``backbone.layer2`` or slices
+    ``backbone.layer3[1:]`` (fast-reid's MGN, branch copies) runs it too.
+    """
+
+    def blocks(self):
+        """Returns:
+        list[nn.Module]: the residual blocks, without the inserted module."""
+        return [m for name, m in self._modules.items() if name != "inserted"]
+
+
 def stage_channels(layer):
     """Output channels of a ResNet stage (``nn.Sequential`` of blocks)."""
-    last = layer[-1]
+    last = layer.blocks()[-1] if isinstance(layer, Stage) else layer[-1]
     return (last.bn3 if hasattr(last, "bn3") else last.bn2).num_features
 
 
@@ -41,7 +55,7 @@ class StagedResNet(ResNet):
         bn_norm, with_ibn, with_se, with_nl: as fast-reid's ``ResNet``.
         depth (str): "18x", "34x", "50x" or "101x".
         inserts (dict[str, nn.Module] | None): stage name -> module applied to that stage's
-            output, [N, C, H, W] -> [N, C, H, W]. Stored in ``self.inserts``.
+            output, [N, C, H, W] -> [N, C, H, W]. Stored inside the stage (see :class:`Stage`).
     """
 
     def __init__(
@@ -59,11 +73,32 @@ class StagedResNet(ResNet):
         block, layers, nl_layers = _BLOCKS[depth]
         super().__init__(last_stride, bn_norm, with_ibn, with_se, with_nl, block, layers, nl_layers)
         self.depth = depth
-        self.inserts = nn.ModuleDict()
+        for name in STAGES:
+            setattr(self, name, Stage(*getattr(self, name)))  # same keys: "0", "1", ...
         for name, module in (inserts or {}).items():
-            if name not in STAGES:
-                raise ValueError(f"cannot insert after '{name}'; expected one of {STAGES}")
-            self.inserts[name] = module
+            self.set_insert(name, module)
+
+    def set_insert(self, stage, module):
+        """Run ``module`` after ``stage`` (replacing a previous insert).
+
+        Args:
+            stage (str): "layer1".."layer4".
+            module (nn.Module): [N, C, H, W] -> [N, C, H, W]; its parameters are named
+                ``<stage>.inserted.*``.
+        """
+        if stage not in STAGES:
+            raise ValueError(f"cannot insert after '{stage}'; expected one of {STAGES}")
+        getattr(self, stage).add_module("inserted", module)
+
+    @property
+    def inserts(self):
+        """dict[str, nn.Module]: stage -> inserted module."""
+        out = {}
+        for s in STAGES:
+            module = getattr(self, s)._modules.get("inserted")
+            if module is not None:
+                out[s] = module
+        return out
 
     @property
     def channels(self):
@@ -94,13 +129,15 @@ class StagedResNet(ResNet):
         nl_idx = getattr(self, f"NL_{k}_idx")
         nl_blocks = getattr(self, f"NL_{k}", None)
         counter = 0
-        for i, blk in enumerate(getattr(self, name)):
+        layer = getattr(self, name)
+        for i, blk in enumerate(layer.blocks()):
             x = blk(x)
             if counter < len(nl_idx) and i == nl_idx[counter]:
                 x = nl_blocks[counter](x)
                 counter += 1
-        if insert and name in self.inserts:
-            x = self.inserts[name](x)
+        extra = layer._modules.get("inserted")
+        if insert and extra is not None:
+            x = extra(x)
         return x
 
     def forward_stages(self, x, stages=STAGES):
@@ -216,7 +253,7 @@ def build_staged_resnet(cfg):
     # Inserted modules are new: created after the ImageNet weights so that they keep their
     # own initialisation (e.g. zero-initialised residual BN making them the identity).
     for stage, module in parse_inserts(cfg, model.channels).items():
-        model.inserts[stage] = module
+        model.set_insert(stage, module)
     return model
 
 

@@ -1,0 +1,296 @@
+"""Spatial and channel interaction-and-aggregation blocks (IANet §3, Eq. 1-9)."""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from reidzoo.registry import STAGE_MODULE_REGISTRY
+
+FUSIONS = ("prod", "sum", "max")
+NORMS = ("softmax", "renorm")
+RELATIONS = ("semantic", "appearance", "location")
+ARRANGEMENTS = ("spatial_channel", "channel_spatial", "parallel", "spatial", "channel")
+
+
+def context_offsets(k):
+    """Offsets of a K x K context patch around a position, as (dy, dx) pairs.
+
+    Odd K is centred; even K is anchored top-left (K = 2 -> {0, 1}^2).
+
+    Args:
+        k (int): patch size, >= 1.
+    Returns:
+        list[tuple[int, int]]
+    """
+    if k < 1:
+        raise ValueError(f"context patch size must be >= 1, got {k}")
+    lo, hi = -((k - 1) // 2), k // 2
+    return [(dy, dx) for dy in range(lo, hi + 1) for dx in range(lo, hi + 1)]
+
+
+def context_logits(dots, h, w, contexts):
+    """Multi-context appearance logits from the one position-by-position dot-product map.
+
+    ``logit_K[i, j] = sum_{(dy, dx) in Omega_K} dots[i + (dy, dx), j + (dy, dx)]`` with zero
+    outside the map: the dot products of zero-padded K x K patches (Eq. 1), obtained by
+    shifting and summing ``dots`` instead of new C-dimensional products (§4.3).
+
+    Args:
+        dots (Tensor): [N, M, M] with ``dots[n, i, j] = f_i . f_j``, M = h * w (row-major).
+        h, w (int): map size.
+        contexts (Sequence[int]): patch sizes K.
+    Returns:
+        list[Tensor]: one [N, M, M] logit map per K.
+    """
+    n, m = dots.shape[0], h * w
+    offsets = {k: context_offsets(k) for k in contexts}
+    pad = max(max(abs(dy), abs(dx)) for offs in offsets.values() for dy, dx in offs)
+    d5 = dots.reshape(n, h, w, h, w)
+    if pad:
+        d5 = F.pad(d5, (pad, pad, pad, pad, pad, pad, pad, pad))
+    out = []
+    for k in contexts:
+        acc = None
+        for dy, dx in offsets[k]:
+            ys, xs = pad + dy, pad + dx
+            part = d5[:, ys : ys + h, xs : xs + w, ys : ys + h, xs : xs + w]
+            acc = part if acc is None else acc + part
+        out.append(acc.reshape(n, m, m))
+    return out
+
+
+def location_relation(h, w, sigma_x, sigma_y, device=None):
+    """Row-normalised 2-D Gaussian location relations S^L (Eq. 3-4).
+
+    Args:
+        h, w (int): map size; positions are row-major, x along the width, y along the height.
+        sigma_x, sigma_y (float): sigma_1 and sigma_2 of Eq. 3.
+    Returns:
+        Tensor: [M, M], rows sum to 1.
+    """
+    ys, xs = torch.meshgrid(
+        torch.arange(h, dtype=torch.float32, device=device),
+        torch.arange(w, dtype=torch.float32, device=device),
+        indexing="ij",
+    )
+    x, y = xs.reshape(-1), ys.reshape(-1)
+    d = (x[None, :] - x[:, None]) ** 2 / (2 * sigma_x**2) + (y[None, :] - y[:, None]) ** 2 / (
+        2 * sigma_y**2
+    )
+    return torch.softmax(-d, dim=1)  # the 1 / (2 pi s1 s2) factor cancels in Eq. 4
+
+
+def _fuse(maps, fusion):
+    if fusion == "prod":
+        out = maps[0]
+        for m in maps[1:]:
+            out = out * m
+        return out
+    if fusion == "sum":
+        return torch.stack(maps).sum(0)
+    if fusion == "max":
+        return torch.stack(maps).amax(0)
+    raise ValueError(f"MODEL.IANET.FUSION={fusion!r}; expected one of {FUSIONS}")
+
+
+def _normalise(x, norm):
+    if norm == "softmax":
+        return torch.softmax(x, dim=-1)
+    if norm == "renorm":
+        return x / x.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+    raise ValueError(f"MODEL.IANET.FUSION_NORM={norm!r}; expected one of {NORMS}")
+
+
+def _zero_bn(channels):
+    bn = nn.BatchNorm2d(channels)
+    nn.init.zeros_(bn.weight)  # Y = BN(E) + F is the identity at insertion (§3.3)
+    nn.init.zeros_(bn.bias)
+    return bn
+
+
+class SIA(nn.Module):
+    """Spatial interaction-and-aggregation module: E^S = F S^T (Eq. 1-6), without the residual.
+
+    Args:
+        channels (int): C.
+        contexts (Sequence[int]): patch sizes K (Eq. 1-2).
+        fusion (str): "prod", "sum" or "max" (Eq. 2, 5).
+        norm (str): "softmax" (paper) or "renorm" after fusion.
+        scale (bool): divide appearance logits by sqrt(C).
+        relation (str): "semantic", "appearance" or "location".
+        sigma (tuple[float, float]): (sigma_1 along x, sigma_2 along y) of Eq. 3.
+    """
+
+    def __init__(
+        self,
+        channels,
+        contexts=(1, 2, 3),
+        fusion="prod",
+        norm="softmax",
+        scale=True,
+        relation="semantic",
+        sigma=(5.0, 10.0),
+    ):
+        super().__init__()
+        if relation not in RELATIONS:
+            raise ValueError(f"MODEL.IANET.RELATION={relation!r}; expected one of {RELATIONS}")
+        if fusion not in FUSIONS:
+            raise ValueError(f"MODEL.IANET.FUSION={fusion!r}; expected one of {FUSIONS}")
+        if norm not in NORMS:
+            raise ValueError(f"MODEL.IANET.FUSION_NORM={norm!r}; expected one of {NORMS}")
+        if not contexts:
+            raise ValueError("MODEL.IANET.CONTEXTS must list at least one patch size")
+        for k in contexts:
+            context_offsets(int(k))
+        self.channels = channels
+        self.contexts = tuple(int(k) for k in contexts)
+        self.fusion, self.norm, self.scale, self.relation = fusion, norm, scale, relation
+        self.sigma = (float(sigma[0]), float(sigma[1]))
+        self._location_cache = {}
+
+    def location(self, h, w, device):
+        """S^L for an h x w map, built once per size and device: [M, M]."""
+        key = (h, w, str(device))
+        if key not in self._location_cache:
+            self._location_cache[key] = location_relation(h, w, *self.sigma, device=device)
+        return self._location_cache[key]
+
+    def relation_map(self, x):
+        """The relation map SIA aggregates with, in fp32.
+
+        Args:
+            x (Tensor): F, [N, C, H, W].
+        Returns:
+            Tensor: [N, M, M], rows sum to 1.
+        """
+        n, c, h, w = x.shape
+        f = x.float().reshape(n, c, h * w)
+        if self.relation == "location":
+            return self.location(h, w, x.device).expand(n, -1, -1)
+        dots = torch.bmm(f.transpose(1, 2), f)
+        if self.scale:
+            dots = dots / math.sqrt(c)
+        per_k = [torch.softmax(z, dim=-1) for z in context_logits(dots, h, w, self.contexts)]
+        # One context: S^A = S_K^A (Tab. 4a); several: Eq. 2.
+        s_a = per_k[0] if len(per_k) == 1 else _normalise(_fuse(per_k, self.fusion), self.norm)
+        if self.relation == "appearance":
+            return s_a
+        return _normalise(_fuse([s_a, self.location(h, w, x.device)], self.fusion), self.norm)
+
+    def forward(self, x):
+        """Args:
+            x (Tensor): F, [N, C, H, W].
+        Returns:
+            Tensor: E^S, [N, C, H, W] in x's dtype."""
+        n, c, h, w = x.shape
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            s = self.relation_map(x)
+            e = torch.bmm(x.float().reshape(n, c, h * w), s.transpose(1, 2))
+        return e.reshape(n, c, h, w).to(x.dtype)
+
+
+class CIA(nn.Module):
+    """Channel interaction-and-aggregation module: E^C = softmax(F F^T) F (Eq. 7-8)."""
+
+    def relation_map(self, x):
+        """Args:
+            x (Tensor): [N, C, H, W].
+        Returns:
+            Tensor: [N, C, C] channel relations in fp32, rows sum to 1."""
+        n, c, h, w = x.shape
+        f = x.float().reshape(n, c, h * w)
+        return torch.softmax(torch.bmm(f, f.transpose(1, 2)), dim=-1)  # unscaled, as Eq. 7
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            e = torch.bmm(self.relation_map(x), x.float().reshape(n, c, h * w))
+        return e.reshape(n, c, h, w).to(x.dtype)
+
+
+class ResidualIA(nn.Module):
+    """``Y = BN(E) + F`` (Eq. 9) around an SIA or CIA module; BN starts at zero.
+
+    Args:
+        module (nn.Module): SIA or CIA.
+        channels (int): C.
+    """
+
+    def __init__(self, module, channels):
+        super().__init__()
+        self.module = module
+        self.bn = _zero_bn(channels)
+
+    def forward(self, x):
+        return self.bn(self.module(x)) + x
+
+
+class IABlock(nn.Module):
+    """IA block: SIA and CIA blocks arranged as in Tab. 4d.
+
+    Args:
+        channels (int): C.
+        arrangement (str): "spatial_channel" (default), "channel_spatial", "parallel"
+            (Y = F + BN_S(E^S) + BN_C(E^C)), "spatial" or "channel" (one block only).
+        **sia_kwargs: arguments of :class:`SIA`.
+    """
+
+    def __init__(self, channels, arrangement="spatial_channel", **sia_kwargs):
+        super().__init__()
+        if arrangement not in ARRANGEMENTS:
+            raise ValueError(
+                f"MODEL.IANET.ARRANGEMENT={arrangement!r}; expected one of {ARRANGEMENTS}"
+            )
+        self.arrangement = arrangement
+        if arrangement != "channel":
+            self.sia = ResidualIA(SIA(channels, **sia_kwargs), channels)
+        else:
+            self.sia = None
+        self.cia = ResidualIA(CIA(), channels) if arrangement != "spatial" else None
+
+    def forward(self, x):
+        """Args:
+            x (Tensor): [N, C, H, W].
+        Returns:
+            Tensor: [N, C, H, W]."""
+        if self.arrangement == "spatial":
+            return self.sia(x)
+        if self.arrangement == "channel":
+            return self.cia(x)
+        if self.arrangement == "spatial_channel":
+            return self.cia(self.sia(x))
+        if self.arrangement == "channel_spatial":
+            return self.sia(self.cia(x))
+        # parallel: both modules read F; one residual
+        return x + self.sia.bn(self.sia.module(x)) + self.cia.bn(self.cia.module(x))
+
+
+def ia_block_from_config(cfg, stage, channels):
+    """Build an :class:`IABlock` for the output of ``stage`` from ``cfg.MODEL.IANET``.
+
+    Args:
+        cfg (CfgNode)
+        stage (str): "layer1".."layer4" (selects the Gaussian sigmas).
+        channels (int): the stage's output channels.
+    Returns:
+        IABlock
+    """
+    ia = cfg.MODEL.IANET
+    return IABlock(
+        channels,
+        arrangement=ia.ARRANGEMENT,
+        contexts=tuple(ia.CONTEXTS),
+        fusion=ia.FUSION,
+        norm=ia.FUSION_NORM,
+        scale=ia.SCALE,
+        relation=ia.RELATION,
+        sigma=tuple(ia[f"SIGMA_{stage.upper()}"]),
+    )
+
+
+@STAGE_MODULE_REGISTRY.register()
+def IANetIABlock(cfg, stage, channels):  # noqa: N802 (registry name)
+    """Registered stage module: ``MODEL.BACKBONE.INSERTS: ["layer2:IANetIABlock", ...]``."""
+    return ia_block_from_config(cfg, stage, channels)
