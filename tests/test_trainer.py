@@ -265,3 +265,21 @@ def test_two_cpu_processes_end_with_identical_weights(tiny_market, tmp_path):
     for k in params:
         assert torch.equal(a[k], b[k]), k
     assert any(not torch.equal(a[k], init.state_dict()[k]) for k in params)
+
+
+def test_dataset_root_from_config_or_environment(tmp_path, monkeypatch, tiny_market):
+    from reidzoo.config import dataset_root
+    from reidzoo.engine import build_dataset
+
+    cfg = tiny_cfg("", str(tmp_path))
+    monkeypatch.setenv("FASTREID_DATASETS", tiny_market)
+    assert dataset_root(cfg) == tiny_market
+    assert len(build_dataset(cfg, "Market1501").query) == 6  # fast-reid's loader via the env
+    cfg.DATASETS.ROOT = str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="nowhere.*Market-1501-v15.09.15"):
+        build_dataset(cfg, "Market1501")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cfg.DATASETS.ROOT = str(empty)
+    with pytest.raises(FileNotFoundError, match="empty"):
+        build_dataset(cfg, "Market1501")
