@@ -13,8 +13,10 @@ from .backbone import (  # noqa: E402
     load_pretrained,
     parse_inserts,
 )
+from .meta_arch import ReidMetaArch  # noqa: E402
 
 __all__ = [
+    "ReidMetaArch",
     "STAGES",
     "Stage",
     "StagedResNet",

@@ -1,0 +1,68 @@
+"""PAN's config node, ``cfg.MODEL.PAN`` (Xiang et al., ACCV 2020)."""
+
+from reidzoo.config import add_node, register_config
+
+
+@register_config
+def add_pan_config(cfg):
+    """Add ``MODEL.PAN``; idempotent, never overwrites existing keys.
+
+    Args:
+        cfg (CfgNode): root config, modified in place.
+    """
+    add_node(
+        cfg,
+        "MODEL.PAN",
+        {
+            # Part extractor (Table 1): "plm" = learned multi-granularity parts (§3.2), or
+            # "stripes" = horizontal stripe average pooling (PCB [5], Table 1 rows).
+            "PARTS": "plm",
+            # PLM granularity scales l: scale l learns l parts s_j^l (§3.2; Table 1 best
+            # {1, 2, 3} = 6 parts).
+            "SCALES": [1, 2, 3],
+            # Number of horizontal stripes when PARTS is "stripes" (Table 1: 1 = global
+            # pooling, 3, 6, 8).
+            "NUM_STRIPES": 6,
+            # Hidden width of PLM's spatial attention, the first of its "two stacked
+            # Conv2D-BN-ReLU blocks" (§4.1; spec §4.2 decision).
+            "SA_DIM": 256,
+            # Reduction ratio r of PLM's SE-style channel attention c^l, FC(C -> C/r) (§3.2
+            # "follows [34]"; 16 is SE-Net's ratio, spec §4.2).
+            "CA_REDUCTION": 16,
+            # Last activation of the channel attention c^l: "sigmoid" (SE-Net, spec §4.2
+            # decision) or "relu" (the literal §4.1 text).
+            "CA_ACT": "sigmoid",
+            # Stages X^l whose outputs PAM attends to with the part features P (§3.1, Fig. 1:
+            # blocks 1-3). Empty: the PLM baseline of Table 2 ("Baseline").
+            "PAM_STAGES": ["layer1", "layer2", "layer3"],
+            # Inner dimension D of phi and psi per PAM stage (Eq. 2; Table 2: 128, 256, or
+            # (256, 512, 1024); §4.2 chooses 256).
+            "PAM_DIMS": [256, 256, 256],
+            # Fusion of P_i with the PAM outputs Z^l_i (Table 2): "concat" (PAN_c, the SOTA
+            # model) or "add" (PAN_a; f maps C_l -> C of P).
+            "FUSION": "concat",
+            # Output width of each part's 1x1 embedding layer (§4.1, "256 for each embedding").
+            "EMBED_DIM": 256,
+            # BNNeck [47] after each embedding (§4.3 uses it for the SOTA numbers; Table 2 is
+            # without it).
+            "BNNECK": True,
+            # Feature fed to the triplet loss: "before" (pre-BN embeddings, BNNeck
+            # convention; spec §4.5) or "after" the BNNeck.
+            "TRIPLET_FEAT": "before",
+            # Test feature: "after" (the 6 post-BN embeddings, spec §4.6) or "before".
+            "TEST_FEAT": "after",
+            # lambda_2, the weight of the orthogonal regularisation L_orth (Eq. 4-5; §4.1
+            # "10^-3", the minus sign lost in §4.2's text, spec §4.5). 0 disables it.
+            "ORTH_WEIGHT": 1e-3,
+            # Rows of M^l in Eq. 4: "raw" flattened masks s_j^l (literal, spec §4.5) or
+            # "normalized" (each row divided by its L2 norm).
+            "ORTH_MASKS": "raw",
+            # Stages followed by a non-local block (Table 2 "NL" and "PAN_c + NL"; §4.2: after
+            # blocks 1-3, dot product, inter-channels C/2, downsampled). Empty: none.
+            "NL_STAGES": [],
+            # Non-local inter-channel reduction: C / NL_REDUCTION (§4.2 "half").
+            "NL_REDUCTION": 2,
+            # Non-local 2x2 max-pool of phi and g (§4.2 "we also downsample the feature map").
+            "NL_SUBSAMPLE": True,
+        },
+    )

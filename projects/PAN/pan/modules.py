@@ -1,0 +1,278 @@
+"""PAN's building blocks: PLM (part learning), stripe parts, PAM (part-aware attention),
+the orthogonal regularisation of the part masks, and the Table 2 non-local block.
+
+Shapes: N batch, C channels of the part source X^4, K parts, C_l / M_l = H_l * W_l channels
+and positions of a mid-level map X^l, D the inner dimension of PAM.
+"""
+
+import torch
+import torch.nn.functional as F
+from fastreid.layers import get_norm
+from torch import nn
+
+from reidzoo.registry import STAGE_MODULE_REGISTRY
+
+
+def _fp32(x):
+    return x.float() if x.is_floating_point() else x
+
+
+def _init_conv_bn(module):
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and m.affine:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class ChannelAttention(nn.Module):
+    """SE-style channel attention c^l of one PLM scale (§3.2, §4.1; SE-Net [34]).
+
+    GAP -> FC(C -> C/r) -> ReLU -> FC(C/r -> C) -> sigmoid (or ReLU, the literal §4.1 text).
+
+    Args:
+        channels (int): C.
+        reduction (int): r.
+        act (str): "sigmoid" or "relu".
+    """
+
+    def __init__(self, channels, reduction=16, act="sigmoid"):
+        super().__init__()
+        if act not in ("sigmoid", "relu"):
+            raise ValueError(f"MODEL.PAN.CA_ACT={act!r}; expected 'sigmoid' or 'relu'")
+        hidden = max(channels // reduction, 1)
+        self.fc1 = nn.Linear(channels, hidden)
+        self.fc2 = nn.Linear(hidden, channels)
+        self.act = nn.Sigmoid() if act == "sigmoid" else nn.ReLU()
+
+    def forward(self, pooled):
+        """Args:
+            pooled (Tensor): [N, C] globally average-pooled X^4.
+        Returns:
+            Tensor: [N, C] channel weights c^l."""
+        return self.act(self.fc2(F.relu(self.fc1(pooled))))
+
+
+class PLM(nn.Module):
+    """Multi-granularity part feature learning module (§3.2, Fig. 3; spec §4.2).
+
+    Spatial attention: Conv1x1(C -> hidden)-BN-ReLU, Conv1x1(hidden -> K)-BN-ReLU, K = sum of
+    the scales; the K output channels are the masks s_j^l, split by scale in order. Channel
+    attention: one :class:`ChannelAttention` c^l per scale. Part vector
+    ``P_j^l = AvgPool((c^l (x) s_j^l) . X^4) = c^l * mean_p(s_j^l[p] X^4[:, p])``, computed
+    without materialising the C x H x W mask m_j^l.
+
+    Args:
+        in_channels (int): C of X^4.
+        scales (Sequence[int]): granularities, e.g. (1, 2, 3) -> 6 parts.
+        hidden (int): width of the first spatial-attention block.
+        ca_reduction (int): r of the channel attention.
+        ca_act (str): "sigmoid" or "relu".
+        norm (str): fast-reid norm type of the spatial-attention BNs.
+    """
+
+    def __init__(
+        self, in_channels, scales=(1, 2, 3), hidden=256, ca_reduction=16, ca_act="sigmoid",
+        norm="BN",
+    ):  # fmt: skip
+        super().__init__()
+        self.scales = tuple(int(s) for s in scales)
+        if not self.scales or min(self.scales) < 1:
+            raise ValueError(f"MODEL.PAN.SCALES={list(scales)}; expected positive integers")
+        self.num_parts = sum(self.scales)
+        self.spatial = nn.Sequential(
+            nn.Conv2d(in_channels, hidden, 1, bias=False),
+            get_norm(norm, hidden),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, self.num_parts, 1, bias=False),
+            get_norm(norm, self.num_parts),
+            nn.ReLU(inplace=True),
+        )
+        self.channel = nn.ModuleList(
+            ChannelAttention(in_channels, ca_reduction, ca_act) for _ in self.scales
+        )
+        _init_conv_bn(self)
+
+    def masks(self, x):
+        """Spatial masks of all parts.
+
+        Args:
+            x (Tensor): [N, C, H, W] X^4.
+        Returns:
+            Tensor: [N, K, H*W] s_j^l, scales in order (>= 0, ReLU output).
+        """
+        return self.spatial(x).flatten(2)
+
+    def forward(self, x):
+        """Args:
+            x (Tensor): [N, C, H, W] X^4.
+        Returns:
+            tuple: parts P [N, K, C] (float32) and a list with one [N, l, H*W] mask stack
+            M^l per scale."""
+        s = self.masks(x)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            s32, f = _fp32(s), _fp32(x).flatten(2)  # [N, K, M], [N, C, M]
+            pooled = torch.bmm(s32, f.transpose(1, 2)) / f.shape[-1]  # [N, K, C]
+            gap = f.mean(-1)  # [N, C]
+            parts, masks, start = [], [], 0
+            for scale, ca in zip(self.scales, self.channel):
+                parts.append(pooled[:, start : start + scale] * ca(gap).unsqueeze(1))
+                masks.append(s32[:, start : start + scale])
+                start += scale
+        return torch.cat(parts, 1), masks
+
+
+class StripeParts(nn.Module):
+    """Horizontal stripe parts (PCB [5]; Table 1 "Horizon strips", 1 stripe = global pooling).
+
+    Args:
+        num_stripes (int): K; the map height should be divisible by it.
+    """
+
+    def __init__(self, num_stripes=6):
+        super().__init__()
+        self.num_parts = int(num_stripes)
+
+    def forward(self, x):
+        """Args:
+            x (Tensor): [N, C, H, W].
+        Returns:
+            tuple: parts [N, K, C] (float32) and an empty mask list (no L_orth)."""
+        p = F.adaptive_avg_pool2d(_fp32(x), (self.num_parts, 1)).flatten(2)  # [N, C, K]
+        return p.transpose(1, 2), []
+
+
+class PAM(nn.Module):
+    """Part-aware attention module (§3.1, Eq. 1-3, Fig. 2): ``Z = phi(P) psi(X)^T f(X) / M``.
+
+    Linear attention, no softmax, normalised by the number of positions M of X. phi, psi, f
+    are 1x1 convolutions with bias and PyTorch's default initialisation (phi acts on P as a
+    [C_p, K, 1] map). The product is
+    evaluated as ``phi(P) (psi(X)^T f(X) / M)``: [D, C_out] first, so neither the K x M
+    compatibility map nor anything M x M is built. Runs in float32 under autocast.
+
+    Args:
+        in_channels (int): C_l of X^l.
+        part_dim (int): C_p of the part vectors.
+        inner_dim (int): D.
+        out_dim (int): channels of Z (C_l for PAN_c, C_p for PAN_a).
+    """
+
+    def __init__(self, in_channels, part_dim, inner_dim=256, out_dim=None):
+        super().__init__()
+        out_dim = in_channels if out_dim is None else out_dim
+        self.phi = nn.Conv2d(part_dim, inner_dim, 1)
+        self.psi = nn.Conv2d(in_channels, inner_dim, 1)
+        self.f = nn.Conv2d(in_channels, out_dim, 1)  # PyTorch's default init (paper: none)
+
+    def _project(self, parts, x):
+        q = self.phi(parts.transpose(1, 2).unsqueeze(-1)).squeeze(-1)  # [N, D, K]
+        return q, self.psi(x).flatten(2), self.f(x).flatten(2)  # [N, D, M], [N, O, M]
+
+    def compatibility(self, parts, x):
+        """theta(P_i, X) of Eq. 2 for every part and position (for visualisation, Fig. 5).
+
+        Args:
+            parts (Tensor): [N, K, C_p].
+            x (Tensor): [N, C_l, H, W].
+        Returns:
+            Tensor: [N, K, H*W].
+        """
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            q, k, _ = self._project(_fp32(parts), _fp32(x))
+            return torch.bmm(q.transpose(1, 2), k)
+
+    def forward(self, parts, x):
+        """Args:
+            parts (Tensor): [N, K, C_p] part features P.
+            x (Tensor): [N, C_l, H, W] mid-level map X^l.
+        Returns:
+            Tensor: [N, K, C_out] Z (float32)."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            q, k, v = self._project(_fp32(parts), _fp32(x))
+            kv = torch.bmm(k, v.transpose(1, 2)) / k.shape[-1]  # [N, D, C_out]
+            return torch.bmm(q.transpose(1, 2), kv)  # [N, K, C_out]
+
+
+def orthogonal_loss(masks, normalize=False):
+    """Orthogonal regularisation of the part masks (Eq. 4).
+
+    ``L_orth = 1/L sum_l ||M^l M^l^T - I||_F``, averaged over the batch; M^l stacks the
+    flattened masks of scale l as rows (raw, or L2-normalised per row).
+
+    Args:
+        masks (list[Tensor]): one [N, l, H*W] stack per scale.
+        normalize (bool): divide each row by its L2 norm first.
+    Returns:
+        Tensor: scalar (float32); 0 for an empty list.
+    """
+    if not masks:
+        return torch.zeros(())
+    total = 0.0
+    for m in masks:
+        m = _fp32(m)
+        if normalize:
+            m = F.normalize(m, dim=-1)
+        gram = torch.bmm(m, m.transpose(1, 2))
+        eye = torch.eye(m.shape[1], dtype=m.dtype, device=m.device)
+        total = total + torch.linalg.matrix_norm(gram - eye, ord="fro").mean()
+    return total / len(masks)
+
+
+class NonLocal(nn.Module):
+    """Dot-product non-local block with residual (Wang et al. [31]; PAN Table 2 "NL").
+
+    ``z = x + BN(W(y))``, ``y_i = 1/M' sum_j theta(x_i)^T phi(x_j) g(x_j)`` with inter-channels
+    C / reduction and phi, g max-pooled 2x2 when ``subsample``. The BN starts at zero, so a
+    fresh block is the identity. (fast-reid's ``Non_local`` computes its inter-channels as
+    ``reduc_ratio // reduc_ratio`` = 1, which is not the paper's C/2.)
+
+    Args:
+        channels (int): C.
+        reduction (int): inter-channels = C // reduction.
+        subsample (bool): 2x2 max-pool phi and g.
+        norm (str): fast-reid norm type.
+    """
+
+    def __init__(self, channels, reduction=2, subsample=True, norm="BN"):
+        super().__init__()
+        inter = max(channels // reduction, 1)
+        self.theta = nn.Conv2d(channels, inter, 1)
+        self.phi = nn.Conv2d(channels, inter, 1)
+        self.g = nn.Conv2d(channels, inter, 1)
+        self.W = nn.Conv2d(inter, channels, 1)
+        self.bn = get_norm(norm, channels)
+        self.pool = nn.MaxPool2d(2) if subsample else nn.Identity()
+        _init_conv_bn(self)
+        nn.init.zeros_(self.bn.weight)
+
+    def forward(self, x):
+        """Args:
+            x (Tensor): [N, C, H, W].
+        Returns:
+            Tensor: [N, C, H, W]."""
+        n, _, h, w = x.shape
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x32 = _fp32(x)
+            t = self.theta(x32).flatten(2)  # [N, I, M]
+            p = self.pool(self.phi(x32)).flatten(2)  # [N, I, M']
+            g = self.pool(self.g(x32)).flatten(2)  # [N, I, M']
+            a = torch.bmm(t.transpose(1, 2), p) / p.shape[-1]  # [N, M, M']
+            y = torch.bmm(g, a.transpose(1, 2)).reshape(n, -1, h, w)  # [N, I, H, W]
+        return x + self.bn(self.W(y)).to(x.dtype)
+
+
+@STAGE_MODULE_REGISTRY.register()
+def PANNonLocal(cfg, stage, channels):
+    """``MODEL.BACKBONE.INSERTS: ["layer2:PANNonLocal"]``: a :class:`NonLocal` block after a
+    stage of any staged-ResNet model (``MODEL.PAN.NL_REDUCTION``, ``NL_SUBSAMPLE``).
+
+    Returns:
+        NonLocal
+    """
+    return NonLocal(
+        channels, cfg.MODEL.PAN.NL_REDUCTION, cfg.MODEL.PAN.NL_SUBSAMPLE, cfg.MODEL.BACKBONE.NORM
+    )
