@@ -1,0 +1,42 @@
+"""RMGL (Wang et al., TIP 2020): receptive multi-granularity learning for fast-reid.
+
+Importing this package registers the meta-architecture ``RMGL`` (``META_ARCH_REGISTRY``), the
+PIL transforms ``RMGLRandomShift`` (RSA) and ``RMGLCropResizeShift`` (Tab. VI "RCRS")
+(``TRANSFORM_REGISTRY``), and adds ``cfg.MODEL.RMGL`` and ``cfg.INPUT.RSA``.
+"""
+
+from .config import add_rmgl_config
+from .meta_arch import RMGL, RMGLHeads
+from .modules import (
+    ActivationBalancedPooling,
+    abp_split_points,
+    check_partition,
+    masked_stripe_pool,
+    receptive_field,
+    receptive_partition,
+    stack_stripes,
+    stripe_masks,
+    uniform_stripe_pool,
+    unstack_stripes,
+)
+from .transforms import CropResizeShift, RandomShift, RMGLCropResizeShift, RMGLRandomShift
+
+__all__ = [
+    "RMGL",
+    "ActivationBalancedPooling",
+    "CropResizeShift",
+    "RMGLCropResizeShift",
+    "RMGLHeads",
+    "RMGLRandomShift",
+    "RandomShift",
+    "abp_split_points",
+    "add_rmgl_config",
+    "check_partition",
+    "masked_stripe_pool",
+    "receptive_field",
+    "receptive_partition",
+    "stack_stripes",
+    "stripe_masks",
+    "uniform_stripe_pool",
+    "unstack_stripes",
+]

@@ -1,0 +1,341 @@
+"""RMGL: RP / ABP / RSA against slow references, paper properties and numbers, export, training."""
+
+import copy
+import math
+import os
+import random
+
+import pytest
+import torch
+from fastreid.modeling.meta_arch import build_model
+from PIL import Image
+from reidzoo.projects.rmgl import (
+    RMGL,
+    ActivationBalancedPooling,
+    CropResizeShift,
+    RandomShift,
+    abp_split_points,
+    masked_stripe_pool,
+    receptive_field,
+    receptive_partition,
+    stripe_masks,
+)
+
+from reidzoo import complexity
+from reidzoo.config import get_cfg, setup_cfg
+from tests.conftest import REPO
+
+CONFIGS = os.path.join(REPO, "projects", "RMGL", "configs")
+MARKET = os.path.join(CONFIGS, "RMGL_R50_Market1501.yml")
+CI = os.path.join(CONFIGS, "RMGL_R18_synthetic_ci.yml")
+
+
+# ----------------------------------------------------------------------------- ABP (Eq. 8-10)
+
+
+def _slow_split_points(x, parts):
+    """Per sample, per channel, with Python loops: Eq. 8 (first argmax), Eq. 9 (1-indexed
+    cumulative histogram), Eq. 10 (h_k = max{h : Hx(h) <= k C / n_s}), then >= 1 row each."""
+    n, c, h, w = x.shape
+    out = []
+    for i in range(n):
+        cnt = [0] * h
+        for ch in range(c):
+            flat = x[i, ch].flatten().tolist()
+            best = max(range(h * w), key=lambda j: (flat[j], -j))  # first maximum
+            cnt[best // w] += 1
+        hx = [sum(cnt[:r]) for r in range(h + 1)]  # hx[r] = Hx(r), Hx(0) = 0
+        bounds = [0]
+        for k in range(1, parts):
+            hk = max(r for r in range(h + 1) if hx[r] * parts <= k * c)
+            hk = min(max(hk, bounds[-1] + 1), h - (parts - k))
+            bounds.append(hk)
+        out.append(bounds + [h])
+    return out
+
+
+def _peaked(n, c, h, w, rows, seed):
+    """Random maps whose channel maxima sit in the given rows (to force clamping)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, c, h, w, generator=g)
+    for ch in range(c):
+        r = rows[ch % len(rows)]
+        x[:, ch, r, ch % w] += 10.0
+    return x
+
+
+@pytest.mark.parametrize("parts", [2, 3, 4])
+def test_abp_split_points_equal_slow_reference(parts):
+    cases = [
+        torch.randn(4, 24, 8, 3, generator=torch.Generator().manual_seed(parts)),
+        _peaked(3, 24, 8, 3, [0], seed=1),  # every maximum in row 0: clamping
+        _peaked(3, 24, 8, 3, [7], seed=2),  # every maximum in the last row
+        _peaked(3, 24, 8, 3, [1, 5], seed=3),
+        torch.zeros(2, 24, 8, 3),  # all ties: first occurrence -> row 0
+    ]
+    for x in cases:
+        got = abp_split_points(x, parts)
+        assert got.dtype == torch.int64 and got.shape == (x.shape[0], parts + 1)
+        assert got.tolist() == _slow_split_points(x, parts)
+
+
+def test_abp_stripes_as_balanced_as_eq10_allows():
+    torch.manual_seed(0)
+    c, h, parts = 48, 12, 3
+    x = torch.randn(6, c, h, 4) + torch.linspace(0, 2, h).view(1, 1, h, 1)  # skewed
+    bounds = abp_split_points(x, parts)
+    rows = x.flatten(2).argmax(2) // 4
+    for i in range(x.shape[0]):
+        b = bounds[i].tolist()
+        assert all(b[k + 1] - b[k] >= 1 for k in range(parts))  # >= 1 row each
+        cnt = torch.bincount(rows[i], minlength=h)
+        cum = torch.cat([torch.zeros(1, dtype=cnt.dtype), cnt.cumsum(0)])  # Hx(0..H)
+        for k in range(1, parts):
+            hk = b[k]
+            # unclamped split points are the largest h with Hx(h) <= kC/n_s: one row more
+            # would exceed the balanced share, so no finer balance is possible on rows
+            if b[k - 1] + 1 < hk < h - (parts - k):
+                assert cum[hk] * parts <= k * c < cum[hk + 1] * parts
+        # the stripes' argmax counts never exceed the balanced share by more than a row holds
+        for k in range(parts):
+            share = cnt[b[k] : b[k + 1]].sum().item()
+            assert share <= math.ceil(c / parts) + cnt.max().item()
+
+
+@pytest.mark.parametrize("mode", ["max", "avg"])
+def test_abp_pooling_equals_slicing(mode):
+    torch.manual_seed(1)
+    x = torch.randn(3, 10, 9, 4)
+    abp = ActivationBalancedPooling(3, mode)
+    got = abp(x)
+    bounds = abp_split_points(x, 3).tolist()
+    for i in range(3):
+        for k in range(3):
+            s = x[i, :, bounds[i][k] : bounds[i][k + 1]]
+            ref = s.amax(dim=(1, 2)) if mode == "max" else s.mean(dim=(1, 2))
+            assert torch.allclose(got[i, k], ref, atol=1e-6)
+    m = stripe_masks(abp_split_points(x, 3), 9)
+    assert m.sum(1).eq(1).all()  # the stripes tile the rows
+    assert torch.equal(masked_stripe_pool(x, m, mode), got)
+
+
+# ---------------------------------------------------------------------------- RP (§III-B)
+
+
+def _branch():
+    """A ResNet-18 layer2-4 chain in eval mode (BN then treats stripes independently)."""
+    cfg = get_cfg()
+    cfg.merge_from_list(["MODEL.BACKBONE.DEPTH", "18x", "MODEL.BACKBONE.PRETRAIN", False])
+    from reidzoo.modeling.backbone import build_staged_resnet
+
+    bb = build_staged_resnet(cfg).eval()
+    return torch.nn.Sequential(*(copy.deepcopy(getattr(bb, s)) for s in ("layer2", "layer3")))
+
+
+@pytest.mark.parametrize("parts", [2, 3])
+def test_rp_equals_running_each_stripe_separately(parts):
+    torch.manual_seed(2)
+    branch = _branch()
+    x = torch.randn(2, 64, 12 * parts, 8)
+    with torch.no_grad():
+        got = receptive_partition(x, branch, parts)
+        h = x.shape[2] // parts
+        ref = torch.cat([branch(x[:, :, k * h : (k + 1) * h]) for k in range(parts)], dim=2)
+        whole = branch(x)
+    assert got.shape == ref.shape == whole.shape
+    assert torch.allclose(got, ref, atol=1e-5)
+    assert not torch.allclose(got, whole, atol=1e-3)  # the partition cuts the connectivity
+
+
+# ---------------------------------------------------------------------------- RSA (§III-D)
+
+
+def _image(h=96, w=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    arr = (torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()
+    return Image.fromarray(arr)
+
+
+def test_rsa_keeps_size_and_is_identity_at_zero_probability():
+    img = _image()
+    random.seed(0)
+    rsa = RandomShift(prob=1.0, crop_prob=1.0, rc_min=0.7, rh_min=0.5, rw_min=0.5)
+    greys = 0
+    for _ in range(30):
+        out = rsa(img)
+        assert out.size == img.size and out.mode == img.mode
+        greys += (torch.tensor(list(out.getdata())) == 127).all(1).any().item()
+    assert greys > 0  # the 127-grey canvas shows around the shifted patch
+    rcrs = CropResizeShift(prob=1.0)
+    assert all(rcrs(img).size == img.size for _ in range(10))
+    off = RandomShift(prob=0.0, crop_prob=0.0)
+    for _ in range(10):
+        assert list(off(img).getdata()) == list(img.getdata())
+
+
+def test_rsa_inside_fastreid_pipeline_for_baseline(tmp_path):
+    from fastreid.data.transforms import ToTensor
+
+    from reidzoo.data.transforms import build_transforms_with_registry
+    from reidzoo.engine import ReidTrainer
+
+    opts = TINY_SYNTH + ["DATASETS.ROOT", str(tmp_path / "data"), "OUTPUT_DIR", str(tmp_path)]
+    opts += ["INPUT.TRANSFORMS", '["RMGLRandomShift"]', "INPUT.RSA.PROB", "1.0"]
+    cfg = setup_cfg(os.path.join(REPO, "configs", "Demo", "bagtricks_R18_synthetic.yml"), opts)
+    assert cfg.MODEL.META_ARCHITECTURE == "Baseline"
+    ops = build_transforms_with_registry(cfg, is_train=True).transforms
+    i = next(j for j, t in enumerate(ops) if isinstance(t, RandomShift))
+    assert isinstance(ops[i + 1], ToTensor)  # a PIL transform, just before ToTensor
+    test_ops = build_transforms_with_registry(cfg, is_train=False).transforms
+    assert not any(isinstance(t, RandomShift) for t in test_ops)  # training only
+    batch = next(iter(ReidTrainer.build_train_loader(cfg)))
+    assert batch["images"].shape[1:] == (3, 64, 32)
+
+
+# ----------------------------------------------------------------------- model and numbers
+
+
+def _cfg(config, *opts):
+    opts = ["MODEL.DEVICE", "cpu", "MODEL.BACKBONE.PRETRAIN", "False", *opts]
+    return setup_cfg(config, opts, freeze=False)
+
+
+@pytest.fixture(scope="module")
+def market_model():
+    cfg = _cfg(MARKET)
+    cfg.MODEL.HEADS.NUM_CLASSES = 0  # backbone + reductions, no classifiers (spec §7 row 3)
+    torch.manual_seed(0)
+    return build_model(cfg).eval()
+
+
+def test_receptive_field_is_363(market_model):
+    assert isinstance(market_model, RMGL)
+    for b in range(len(market_model.granularities)):
+        assert receptive_field(market_model.path_modules(b)) == (363, 16)
+    cfg = _cfg(MARKET, "MODEL.RMGL.BRANCH_LAST_STRIDE", "2")
+    assert receptive_field(build_model(cfg).path_modules(0)) == (427, 32)
+
+
+def test_complexity_matches_spec_row3(market_model):
+    res = complexity.count_complexity(market_model, (384, 128))
+    assert abs(res["params"] - 54.14e6) <= 0.02 * 54.14e6, res["params"]
+    assert abs(res["macs"] - 22.0e9) <= 0.05 * 22.0e9, res["macs"]
+    heads = sum(p.numel() for p in market_model.heads.parameters())
+    assert heads == 14 * (2048 * 256 + 2 * 256)  # 14 separate 1x1 conv + BN reductions
+    mgn = build_model(_cfg(MARKET, "MODEL.RMGL.SPLIT_AFTER", "layer3_0", "MODEL.HEADS.NUM_CLASSES",
+                           "0"))  # fmt: skip
+    backbone = sum(p.numel() for n, p in mgn.named_parameters() if not n.startswith("heads."))
+    assert abs(backbone - 44.06e6) <= 0.01e6 * 2  # spec §7 row 3 alternative split
+
+
+def test_eval_feature_and_height_check():
+    cfg = _cfg(CI, "MODEL.HEADS.NUM_CLASSES", "5")
+    model = build_model(cfg).eval()
+    assert len(model.feature_names()) == 14
+    images = torch.rand(2, 3, 96, 32) * 255
+    keep = images.clone()
+    with torch.no_grad():
+        out = model(images)
+    assert out.shape == (2, 14 * 64) and torch.equal(images, keep)  # not normalised in place
+    with pytest.raises(ValueError, match="not divisible by 3 stripes"):
+        model(torch.rand(1, 3, 64, 32) * 255)
+
+
+@pytest.mark.parametrize(
+    "opts,count",
+    [
+        (["MODEL.RMGL.PATHS", "original", "MODEL.RMGL.ABP_TEST", "False"], 7),
+        (["MODEL.RMGL.PATHS", "rp"], 7),
+        (["MODEL.RMGL.GRANULARITIES", "[2, 3, 4]", "INPUT.SIZE_TEST", "[192, 16]"], 24),
+        (["MODEL.RMGL.GRANULARITIES", "[1, 2, 3]"], 15),
+        (["MODEL.RMGL.SPLIT_AFTER", "layer3_0", "MODEL.RMGL.ABP_POOL", "avg"], 14),
+        (["MODEL.RMGL.RP_POSITION", "layer3", "MODEL.RMGL.REDUCTION_RELU", "True"], 14),
+    ],
+)
+def test_switches(opts, count):
+    cfg = _cfg(CI, "MODEL.HEADS.NUM_CLASSES", "5", "INPUT.SIZE_TEST", "[96, 16]", *opts)
+    model = build_model(cfg).eval()
+    h, w = cfg.INPUT.SIZE_TEST
+    with torch.no_grad():
+        out = model(torch.rand(2, 3, h, w) * 255)
+    assert out.shape == (2, count * 64)
+
+
+def test_rp_position_input_equals_per_stripe_network():
+    cfg = _cfg(CI, "MODEL.HEADS.NUM_CLASSES", "5", "MODEL.RMGL.PATHS", "rp",
+               "MODEL.RMGL.RP_POSITION", "input", "MODEL.RMGL.GRANULARITIES", "[2]")  # fmt: skip
+    model = build_model(cfg).eval()
+    x = torch.randn(2, 3, 96, 32)
+    with torch.no_grad():
+        feats = model.pooled_features(x)
+        maps = [model._run(0, x[:, :, 48 * k : 48 * (k + 1)], 0, 5) for k in range(2)]
+    for k in range(2):
+        assert torch.allclose(feats[1 + k], maps[k].amax(dim=(2, 3)), atol=1e-5)
+
+
+def test_export_parity_paper_config(tmp_path, capsys):
+    from reidzoo import export
+
+    out = str(tmp_path / "rmgl.onnx")
+    opts = ["MODEL.BACKBONE.PRETRAIN", "False", "MODEL.DEVICE", "cpu",
+            "MODEL.HEADS.NUM_CLASSES", "751"]  # fmt: skip
+    args = ["--config-file", MARKET, "--output", out, "--batch", "4", *opts]
+    assert export.main(args) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("parity ") and float(last.rsplit("rel=", 1)[1]) <= 1e-4
+
+
+# --------------------------------------------------------------------------------- training
+
+TINY_SYNTH = [
+    "DATASETS.SYNTHETIC.NUM_TRAIN_IDS", "8", "DATASETS.SYNTHETIC.NUM_TEST_IDS", "8",
+    "DATASETS.SYNTHETIC.NUM_CAMERAS", "2", "DATASETS.SYNTHETIC.IMAGES_PER_ID_PER_CAM", "2",
+    "DATASETS.SYNTHETIC.HEIGHT", "64", "DATASETS.SYNTHETIC.WIDTH", "32",
+    "INPUT.SIZE_TRAIN", "[64, 32]", "INPUT.SIZE_TEST", "[64, 32]",
+    "SOLVER.IMS_PER_BATCH", "8", "DATALOADER.NUM_INSTANCE", "2", "DATALOADER.NUM_WORKERS", "0",
+]  # fmt: skip
+
+
+def test_trains_on_demo_data_and_eval_only(tmp_path):
+    import itertools
+
+    from fastreid.utils.events import EventStorage
+
+    from reidzoo.engine import ReidTrainer, default_argument_parser, main
+
+    opts = TINY_SYNTH + ["INPUT.SIZE_TRAIN", "[96, 32]", "INPUT.SIZE_TEST", "[96, 32]",
+                         "DATASETS.ROOT", str(tmp_path / "data"), "OUTPUT_DIR", str(tmp_path),
+                         "SOLVER.WARMUP_ITERS", "0"]  # fmt: skip
+    cfg = setup_cfg(CI, opts + ["SOLVER.MAX_EPOCH", "1"])
+    torch.manual_seed(0)
+    trainer = ReidTrainer(cfg)
+    model = trainer.model
+    # 10x learning rate exactly for the parameters under `heads`
+    head_ids = {id(p) for p in model.heads.parameters()}
+    base = cfg.SOLVER.BASE_LR
+    for group in trainer.optimizer.param_groups:
+        is_head = all(id(p) in head_ids for p in group["params"])
+        assert any(id(p) in head_ids for p in group["params"]) == is_head
+        assert group["initial_lr"] == pytest.approx(base * (10.0 if is_head else 1.0))
+    batch = next(iter(trainer.data_loader))
+    trainer._trainer._data_loader_iter = itertools.repeat(batch)
+    names = set(model(batch))
+    ce = {n for n in names if n.startswith("loss_cls_")}
+    assert len(ce) == 14 and names - ce == {"loss_triplet_local2", "loss_triplet_local3"}
+    losses = []
+    with EventStorage(0) as storage:
+        trainer.storage = storage
+        for i in range(4):
+            trainer.iter = i
+            trainer.run_step()
+            losses.append(storage.history("total_loss").latest())
+            assert all(math.isfinite(storage.history(n).latest()) for n in names)
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], losses
+    trainer.checkpointer.save("model_final")
+    args = default_argument_parser().parse_args(
+        ["--config-file", CI, "--eval-only", *opts,
+         "MODEL.WEIGHTS", str(tmp_path / "model_final.pth"),
+         "MODEL.HEADS.NUM_CLASSES", str(trainer.cfg.MODEL.HEADS.NUM_CLASSES)]
+    )  # fmt: skip
+    results = main(args)
+    assert 0 <= results["mAP"] <= 100 and 0 <= results["Rank-1"] <= 100
