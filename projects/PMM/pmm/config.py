@@ -1,0 +1,65 @@
+"""PMM's config nodes, ``cfg.MODEL.PMM`` and ``cfg.INPUT.PMM_CUTOUT`` (arXiv 2007.08779)."""
+
+from reidzoo.config import add_node, register_config
+
+
+@register_config
+def add_pmm_config(cfg):
+    """Add ``MODEL.PMM`` and ``INPUT.PMM_CUTOUT``; idempotent, never overwrites existing keys.
+
+    Args:
+        cfg (CfgNode): root config, modified in place.
+    """
+    add_node(
+        cfg,
+        "MODEL.PMM",
+        {
+            # Head layout: "pmm" = the three sequential stages I/II/III of §2.1 (Fig. 2);
+            # "bdb" = BDB's two branches (global 512 + one 1024-d part branch) in the same
+            # code, the layout PMM matches in parameters (§2.1 "same amount", spec §6.7).
+            "LAYOUT": "pmm",
+            # Stride of layer3 (§2.1 text: "stride to 1 in the 3rd and 4th blocks" = 1; the
+            # official code keeps 2, spec §6.1 decision). layer4's is MODEL.BACKBONE.LAST_STRIDE.
+            "LAYER3_STRIDE": 2,
+            # Feature augmentation feeding stages II and III (§2.2, §2.3, Tab. 3): "hard_mix"
+            # (A-Hard-Mix, Eq. 2), "cutout" (CutOut [22]: zero the chosen blocks), "cutmix"
+            # (CutMix [11]: random box from another sample, labels mixed), "attentive_cutmix"
+            # (A-CutMix [12]: the partner's top-K Grad-CAM blocks pasted, labels mixed), "bdb"
+            # (BDB [1] batch drop: one random stripe zeroed for the whole batch), "none".
+            "MIX": "hard_mix",
+            # Block choice of hard_mix / cutout: "attentive" (block ranking on the previous
+            # stage's Grad-CAM g, §2.2 Eq. 1) or "random" (K blocks uniformly, no Grad-CAM).
+            "BLOCK_CHOICE": "attentive",
+            # Block size [b_h, b_w] of the block ranking (§3.1: 3 x 2 at 384 x 128; spec §6.6:
+            # 2 x 2 at 256 x 128). H and W of the map must be multiples (§2.2).
+            "BLOCK_SIZE": [3, 2],
+            # K, the number of top-ranked blocks replaced (§3.1: 3 Market-1501, 6 DukeMTMC,
+            # 8 CUHK03; the official code hard-codes 3).
+            "TOPK": 3,
+            # Embedding size of each stage's reduction (§2.1: 512-d each, 1536-d test feature).
+            "REDUCTION_DIM": 512,
+            # Embedding size of BDB's part branch when LAYOUT is "bdb" (BDB: 1024).
+            "BDB_PART_DIM": 1024,
+            # BDB batch-drop stripe as fractions of the map's height and width (BDB [1]: 0.3
+            # and 1.0), used when MIX is "bdb".
+            "BDB_HEIGHT_RATIO": 0.3,
+            "BDB_WIDTH_RATIO": 1.0,
+            # Beta(alpha, alpha) of CutMix's kept-area ratio lambda (CutMix [11]: alpha = 1).
+            "CUTMIX_ALPHA": 1.0,
+        },
+    )
+    add_node(
+        cfg,
+        "INPUT.PMM_CUTOUT",
+        {
+            # Probability of image-level Cutout (official code utils/transforms.py: 0.5; spec
+            # §6.5).
+            "PROB": 0.5,
+            # Side of the square hole in pixels (code: 64).
+            "SIZE": 64,
+            # Fill with MODEL.PIXEL_MEAN, i.e. 0 after normalisation as the code's Cutout (it
+            # runs after Normalize); False fills with FILL (0-255 scale).
+            "FILL_MEAN": True,
+            "FILL": 0.0,
+        },
+    )

@@ -1,0 +1,278 @@
+"""PMM's training-time pieces: cheap exact Grad-CAM (spec §6.3), block ranking (§2.2 Eq. 1),
+attentive Hard-Mix (Eq. 2) and the alternatives of Tab. 3 / BDB, all on feature maps.
+
+Every function here is used in training only; none of them is part of the eval graph.
+"""
+
+import torch
+from torch import nn
+
+
+def grad_cam(logits, targets, pooled, fmap, retain_graph=True):
+    """Grad-CAM of the ground-truth-class score, computed through the small head only.
+
+    With ``pooled = GAP(fmap)`` or ``GMP(fmap)``, the Grad-CAM weight of channel c (the spatial
+    mean of d score / d fmap[c]) is ``(d score / d pooled_c) / (H W)`` in both cases, so one
+    ``autograd.grad`` w.r.t. ``pooled`` gives the exact CAM (spec §6.3). No parameter ``.grad``
+    is written and no DDP reduction hook fires (only ``pooled`` is an input of the backward).
+
+    Args:
+        logits (Tensor): [N, num_classes], computed from ``pooled``.
+        targets (Tensor): [N] int64 ground-truth classes; score = sum_i logits[i, y_i].
+        pooled (Tensor): [N, C], the head input (must be part of ``logits``' graph).
+        fmap (Tensor): [N, C, H, W], the map ``pooled`` was pooled from.
+        retain_graph (bool): keep the graph for the loss backward (True in training).
+    Returns:
+        Tensor: [N, H, W] detached CAM, ``relu(sum_c alpha_c fmap_c)``.
+    """
+    score = logits.gather(1, targets.view(-1, 1)).sum()
+    (g,) = torch.autograd.grad(score, pooled, retain_graph=retain_graph)
+    h, w = fmap.shape[2], fmap.shape[3]
+    alpha = g.detach() / float(h * w)
+    return torch.relu(torch.einsum("nc,nchw->nhw", alpha, fmap.detach()))
+
+
+def check_blocks(height, width, block_size, topk):
+    """Raise ValueError unless b_h x b_w blocks tile an H x W map and K fits (§2.2).
+
+    Args:
+        height, width (int): map size.
+        block_size (tuple[int, int]): (b_h, b_w).
+        topk (int): K.
+    Returns:
+        tuple[int, int]: number of block rows and columns.
+    """
+    bh, bw = int(block_size[0]), int(block_size[1])
+    if bh < 1 or bw < 1 or height % bh or width % bw:
+        raise ValueError(
+            f"MODEL.PMM.BLOCK_SIZE={list(block_size)} does not tile the {height}x{width} feature "
+            "map (H and W must be multiples of b_h and b_w, §2.2; use [2, 2] at 256x128)"
+        )
+    nh, nw = height // bh, width // bw
+    if not 0 <= topk <= nh * nw:
+        raise ValueError(f"MODEL.PMM.TOPK={topk}; expected 0..{nh * nw} blocks")
+    return nh, nw
+
+
+def _blocks_to_mask(keep, block_size):
+    """[N, nh, nw] block mask -> [N, 1, nh b_h, nw b_w] pixel mask."""
+    bh, bw = int(block_size[0]), int(block_size[1])
+    return keep.repeat_interleave(bh, 1).repeat_interleave(bw, 2).unsqueeze(1)
+
+
+def block_scores(cam, block_size):
+    """e_i = sum of g over block b_i (§2.2 "Block Ranking").
+
+    Args:
+        cam (Tensor): [N, H, W].
+        block_size (tuple[int, int]): (b_h, b_w), tiling H x W.
+    Returns:
+        Tensor: [N, H / b_h, W / b_w].
+    """
+    n, h, w = cam.shape
+    bh, bw = int(block_size[0]), int(block_size[1])
+    return cam.reshape(n, h // bh, bh, w // bw, bw).sum(dim=(2, 4))
+
+
+def topk_block_mask(scores, topk, block_size):
+    """Eq. 1: m_j = 0 inside the K blocks with the largest e_i, 1 elsewhere.
+
+    Args:
+        scores (Tensor): [N, nh, nw] block evidence e (or random keys for random choice).
+        topk (int): K.
+        block_size (tuple[int, int]): (b_h, b_w).
+    Returns:
+        Tensor: [N, 1, nh b_h, nw b_w] detached binary mask, dtype of ``scores``.
+    """
+    n, nh, nw = scores.shape
+    flat = scores.detach().reshape(n, nh * nw)
+    keep = torch.ones_like(flat)
+    if topk > 0:
+        idx = flat.topk(topk, dim=1).indices
+        keep.scatter_(1, idx, 0.0)
+    return _blocks_to_mask(keep.view(n, nh, nw), block_size)
+
+
+def attentive_mask(cam, topk, block_size):
+    """Block ranking (§2.2): the CAM's top-K blocks zeroed.
+
+    Args:
+        cam (Tensor): [N, H, W] Grad-CAM g.
+        topk (int): K.
+        block_size (tuple[int, int]): (b_h, b_w).
+    Returns:
+        Tensor: [N, 1, H, W] detached {0, 1} mask.
+    """
+    check_blocks(cam.shape[1], cam.shape[2], block_size, topk)
+    return topk_block_mask(block_scores(cam.detach(), block_size), topk, block_size)
+
+
+def random_mask(n, height, width, topk, block_size, device=None, dtype=torch.float32):
+    """K blocks chosen uniformly at random per sample (the non-attentive ablation).
+
+    Args:
+        n, height, width (int): batch and map size.
+        topk (int): K.
+        block_size (tuple[int, int]): (b_h, b_w).
+    Returns:
+        Tensor: [N, 1, H, W] {0, 1} mask.
+    """
+    nh, nw = check_blocks(height, width, block_size, topk)
+    keys = torch.rand(n, nh, nw, device=device, dtype=dtype)
+    return topk_block_mask(keys, topk, block_size)
+
+
+def draw_negatives(targets):
+    """For each anchor i, j drawn uniformly from {j : y_j != y_i} (label-based, spec §6.2).
+
+    An anchor without any negative in the batch gets itself (its mix is then the identity).
+
+    Args:
+        targets (Tensor): [N] identity labels.
+    Returns:
+        Tensor: [N] int64 indices.
+    """
+    neg = (targets.view(-1, 1) != targets.view(1, -1)).float()
+    none = neg.sum(1) == 0
+    neg = neg + torch.diag(none.float())
+    return torch.multinomial(neg, 1).view(-1)
+
+
+def hard_mix(fmap, mask, index):
+    """Eq. 2: f~ = m * f_a + (1 - m) * f_n with f_n = fmap[index]; gradients reach both.
+
+    Args:
+        fmap (Tensor): [N, C, H, W].
+        mask (Tensor): [N, 1, H, W] in {0, 1}.
+        index (Tensor): [N] partner of each anchor.
+    Returns:
+        Tensor: [N, C, H, W].
+    """
+    return mask * fmap + (1.0 - mask) * fmap[index]
+
+
+def cutmix_box_mask(n, height, width, alpha, device=None, dtype=torch.float32):
+    """CutMix [11]: one box of area ratio 1 - lambda, lambda ~ Beta(alpha, alpha), at a random
+    centre, clipped to the map; lambda recomputed from the clipped box.
+
+    Args:
+        n, height, width (int): batch and map size (one box for the whole batch, as CutMix).
+        alpha (float): Beta parameter.
+    Returns:
+        tuple[Tensor, float]: [N, 1, H, W] mask (0 inside the box) and the kept fraction.
+    """
+    lam = float(torch.distributions.Beta(alpha, alpha).sample()) if alpha > 0 else 0.5
+    cut = (1.0 - lam) ** 0.5
+    ch, cw = int(round(height * cut)), int(round(width * cut))
+    cy, cx = int(torch.randint(height, ())), int(torch.randint(width, ()))
+    y0, y1 = max(cy - ch // 2, 0), min(cy + ch - ch // 2, height)
+    x0, x1 = max(cx - cw // 2, 0), min(cx + cw - cw // 2, width)
+    mask = torch.ones(n, 1, height, width, device=device, dtype=dtype)
+    mask[:, :, y0:y1, x0:x1] = 0.0
+    return mask, 1.0 - (y1 - y0) * (x1 - x0) / float(height * width)
+
+
+def batch_drop_mask(n, height, width, h_ratio, w_ratio, device=None, dtype=torch.float32):
+    """BDB [1] batch DropBlock: one random h_ratio H x w_ratio W rectangle zeroed for every
+    sample of the batch.
+
+    Args:
+        n, height, width (int): batch and map size.
+        h_ratio, w_ratio (float): rectangle size as fractions of H and W.
+    Returns:
+        Tensor: [N, 1, H, W] {0, 1} mask.
+    """
+    rh, rw = int(round(h_ratio * height)), int(round(w_ratio * width))
+    sy = int(torch.randint(height - rh + 1, ()))
+    sx = int(torch.randint(width - rw + 1, ()))
+    mask = torch.ones(n, 1, height, width, device=device, dtype=dtype)
+    mask[:, :, sy : sy + rh, sx : sx + rw] = 0.0
+    return mask
+
+
+class FeatureMix(nn.Module):
+    """The feature augmentation between two stages (§2.2-2.3), training only.
+
+    Args:
+        mode (str): "hard_mix", "cutout", "cutmix", "attentive_cutmix", "bdb" or "none".
+        block_choice (str): "attentive" or "random" (hard_mix and cutout).
+        block_size (tuple[int, int]): (b_h, b_w).
+        topk (int): K.
+        bdb_ratios (tuple[float, float]): BDB's (height, width) ratios.
+        cutmix_alpha (float): CutMix's Beta parameter.
+    """
+
+    MODES = ("hard_mix", "cutout", "cutmix", "attentive_cutmix", "bdb", "none")
+    CHOICES = ("attentive", "random")
+
+    def __init__(self, mode, block_choice, block_size, topk, bdb_ratios=(0.3, 1.0),
+                 cutmix_alpha=1.0):  # fmt: skip
+        super().__init__()
+        if mode not in self.MODES:
+            raise ValueError(f"MODEL.PMM.MIX={mode!r}; expected one of {self.MODES}")
+        if block_choice not in self.CHOICES:
+            raise ValueError(
+                f"MODEL.PMM.BLOCK_CHOICE={block_choice!r}; expected one of {self.CHOICES}"
+            )
+        if len(block_size) != 2:
+            raise ValueError(f"MODEL.PMM.BLOCK_SIZE={list(block_size)}; expected [b_h, b_w]")
+        self.mode, self.block_choice = mode, block_choice
+        self.block_size = (int(block_size[0]), int(block_size[1]))
+        self.topk = int(topk)
+        self.bdb_ratios = (float(bdb_ratios[0]), float(bdb_ratios[1]))
+        self.cutmix_alpha = float(cutmix_alpha)
+
+    @property
+    def needs_cam(self):
+        """bool: whether the previous stage's Grad-CAM is used."""
+        if self.mode == "attentive_cutmix":
+            return True
+        return self.mode in ("hard_mix", "cutout") and self.block_choice == "attentive"
+
+    @property
+    def mixes_labels(self):
+        """bool: CutMix and A-CutMix mix labels; A-Hard-Mix does not (§2.3)."""
+        return self.mode in ("cutmix", "attentive_cutmix")
+
+    def forward(self, fmap, cam, targets):
+        """Args:
+            fmap (Tensor): [N, C, H, W] map to augment (stage II/III input, unmixed).
+            cam (Tensor | None): [N, H, W] previous stage's Grad-CAM (when ``needs_cam``).
+            targets (Tensor): [N] labels.
+        Returns:
+            dict: ``features`` [N, C, H, W]; ``mask`` [N, 1, H, W] (1 = anchor kept);
+            ``index`` [N] partner of each anchor (None for drops); ``lam`` (float, kept
+            fraction for label mixing, 1.0 when labels are not mixed).
+        """
+        n, _, h, w = fmap.shape
+        kw = {"device": fmap.device, "dtype": fmap.dtype}
+        out = {"index": None, "lam": 1.0}
+        if self.mode == "none":
+            out.update(features=fmap, mask=torch.ones(n, 1, h, w, **kw))
+            return out
+        if self.mode == "bdb":
+            mask = batch_drop_mask(n, h, w, *self.bdb_ratios, **kw)
+            out.update(features=fmap * mask, mask=mask)
+            return out
+        if self.mode == "cutmix":
+            mask, lam = cutmix_box_mask(n, h, w, self.cutmix_alpha, **kw)
+            index = torch.randperm(n, device=fmap.device)
+            out.update(features=hard_mix(fmap, mask, index), mask=mask, index=index, lam=lam)
+            return out
+        if self.mode == "attentive_cutmix":
+            # the partner's K most salient blocks are pasted onto the anchor (A-CutMix [12])
+            index = torch.randperm(n, device=fmap.device)
+            mask = attentive_mask(cam[index], self.topk, self.block_size).to(fmap.dtype)
+            lam = 1.0 - self.topk * self.block_size[0] * self.block_size[1] / float(h * w)
+            out.update(features=hard_mix(fmap, mask, index), mask=mask, index=index, lam=lam)
+            return out
+        if self.block_choice == "attentive":
+            mask = attentive_mask(cam, self.topk, self.block_size).to(fmap.dtype)
+        else:
+            mask = random_mask(n, h, w, self.topk, self.block_size, **kw)
+        if self.mode == "cutout":
+            out.update(features=fmap * mask, mask=mask)
+            return out
+        index = draw_negatives(targets)  # A-Hard-Mix: a different identity, labels kept
+        out.update(features=hard_mix(fmap, mask, index), mask=mask, index=index)
+        return out

@@ -1,0 +1,394 @@
+"""PMM: cheap Grad-CAM against a full-backward reference, Hard-Mix properties, alternatives,
+parameter budget, export, Cutout in another model's pipeline, training and --eval-only."""
+
+import itertools
+import math
+import os
+
+import pytest
+import torch
+from fastreid.modeling.losses import cross_entropy_loss
+from fastreid.modeling.meta_arch import build_model
+from reidzoo.projects.pmm import (
+    PMM,
+    Cutout,
+    FeatureMix,
+    attentive_mask,
+    batch_drop_mask,
+    draw_negatives,
+    grad_cam,
+    hard_mix,
+)
+
+from reidzoo import complexity
+from reidzoo.config import setup_cfg
+from tests.conftest import REPO
+
+CONFIGS = os.path.join(REPO, "projects", "PMM", "configs")
+MARKET = os.path.join(CONFIGS, "PMM_R50_Market1501.yml")
+BDB = os.path.join(CONFIGS, "ablations", "bdb_layout.yml")
+CI = os.path.join(CONFIGS, "PMM_R18_synthetic_ci.yml")
+
+
+def _cfg(config, *opts):
+    opts = ["MODEL.DEVICE", "cpu", "MODEL.BACKBONE.PRETRAIN", "False", *opts]
+    return setup_cfg(config, opts, freeze=False)
+
+
+def _ci_model(*opts, classes=6):
+    torch.manual_seed(0)
+    cfg = _cfg(CI, "MODEL.HEADS.NUM_CLASSES", str(classes), *opts)
+    return build_model(cfg).train()
+
+
+def _batch(n=12, classes=6, h=96, w=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(n, 3, h, w, generator=g) * 255
+    targets = torch.arange(classes).repeat_interleave(n // classes)
+    return images, targets
+
+
+def _stages(model, images, targets, seed=1):
+    torch.manual_seed(seed)
+    x, xp = model.trunk(model.preprocess_image(images))
+    return x, xp, model.training_stages(x, xp, targets)
+
+
+# ------------------------------------------------------------------ Grad-CAM (spec §6.3)
+
+
+def _reference_cam(score, fmap):
+    """Grad-CAM as the official code does it: a hook on the feature map, a full backward of
+    the ground-truth score through the whole model, alpha_c = spatial mean of the gradient."""
+    grads = []
+    handle = fmap.register_hook(lambda g: grads.append(g))
+    score.backward(retain_graph=True)
+    handle.remove()
+    alpha = grads[0].mean(dim=(2, 3))
+    return torch.relu((alpha[:, :, None, None] * fmap.detach()).sum(1))
+
+
+def test_cheap_gradcam_equals_full_backward_reference_and_writes_no_grad():
+    model = _ci_model()
+    images, targets = _batch()
+    fired = []
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(lambda p: fired.append(p))  # DDP's trigger
+    x, xp, stages = _stages(model, images, targets)
+    assert len(stages) == 3 and stages[2]["cam"] is None  # stage III guides nothing
+    assert not fired and all(p.grad is None for p in model.parameters())
+    for k in (0, 1):  # stage I: GAP w.r.t. x; stage II: GMP w.r.t. the mixed map
+        s = stages[k]
+        cam = s["cam"]
+        assert cam.shape == (12, 6, 2) and not cam.requires_grad and (cam >= 0).all()
+        score = s["logits"].gather(1, targets[:, None]).sum()
+        ref = _reference_cam(score, s["input"])
+        assert torch.allclose(cam, ref, atol=1e-5, rtol=1e-5), (cam - ref).abs().max()
+        assert ref.abs().sum() > 0
+    assert fired  # the reference did write parameter gradients; the cheap path did not
+
+
+def test_gradcam_function_against_reference_on_a_small_head():
+    torch.manual_seed(0)
+    fmap = torch.randn(5, 16, 6, 4, requires_grad=True)
+    head = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.BatchNorm1d(8),
+                               torch.nn.ReLU(), torch.nn.Linear(8, 3))  # fmt: skip
+    targets = torch.tensor([0, 1, 2, 0, 1])
+    for pool in (lambda t: t.mean(dim=(2, 3)), lambda t: t.amax(dim=(2, 3))):
+        pooled = pool(fmap)
+        logits = head(pooled)
+        cam = grad_cam(logits, targets, pooled, fmap)
+        assert all(p.grad is None for p in head.parameters()) and fmap.grad is None
+        ref = _reference_cam(logits.gather(1, targets[:, None]).sum(), fmap)
+        assert torch.allclose(cam, ref, atol=1e-6)
+        head.zero_grad(set_to_none=True)
+        fmap.grad = None
+
+
+# ------------------------------------------------------------- Hard-Mix (§2.2, spec §6.2)
+
+
+def _slow_mask(cam, k, bh, bw):
+    n, h, w = cam.shape
+    out = torch.ones(n, 1, h, w)
+    for i in range(n):
+        blocks = []
+        for r in range(h // bh):
+            for c in range(w // bw):
+                e = float(cam[i, r * bh : (r + 1) * bh, c * bw : (c + 1) * bw].sum())
+                blocks.append((e, r, c))
+        for _, r, c in sorted(blocks, key=lambda b: -b[0])[:k]:
+            out[i, 0, r * bh : (r + 1) * bh, c * bw : (c + 1) * bw] = 0
+    return out
+
+
+@pytest.mark.parametrize("k,block", [(3, (3, 2)), (6, (3, 2)), (8, (3, 2)), (3, (2, 2))])
+def test_block_ranking_mask(k, block):
+    torch.manual_seed(k)
+    h = 24 if block == (3, 2) else 16
+    cam = torch.rand(4, h, 8, requires_grad=True) * 1.0
+    mask = attentive_mask(cam, k, block)
+    assert mask.shape == (4, 1, h, 8) and not mask.requires_grad
+    assert set(mask.unique().tolist()) <= {0.0, 1.0}
+    zeros = (mask == 0).flatten(1).sum(1)
+    assert (zeros == k * block[0] * block[1]).all()  # exactly K whole blocks per sample
+    assert torch.equal(mask, _slow_mask(cam.detach(), k, *block))
+    with pytest.raises(ValueError, match="does not tile"):
+        attentive_mask(torch.rand(2, 16, 8), 3, (3, 2))  # 256x128 needs 2x2 (spec §6.6)
+
+
+def test_negatives_have_a_different_identity_and_cover_all():
+    torch.manual_seed(0)
+    targets = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2])
+    seen = set()
+    for _ in range(200):
+        idx = draw_negatives(targets)
+        assert (targets[idx] != targets).all()
+        seen |= {(i, int(j)) for i, j in enumerate(idx)}
+    assert len(seen) == 12 * 8  # every negative of every anchor drawn
+    assert torch.equal(draw_negatives(torch.zeros(3, dtype=torch.long)), torch.arange(3))
+
+
+def test_hard_mix_equation_and_gradients_reach_both():
+    f = torch.randn(3, 4, 6, 2, requires_grad=True)
+    mask = torch.ones(3, 1, 6, 2)
+    mask[:, :, :3] = 0
+    idx = torch.tensor([1, 2, 0])
+    out = hard_mix(f, mask, idx)
+    assert torch.equal(out[:, :, 3:], f[:, :, 3:]) and torch.equal(out[:, :, :3], f[idx, :, :3])
+    out.sum().backward()
+    assert torch.equal(f.grad, torch.ones_like(f))  # each position reaches anchor or negative
+
+
+def test_progressive_stages_follow_spec_6_1():
+    model = _ci_model()
+    images, targets = _batch(n=24)
+    x, xp, stages = _stages(model, images, targets)
+    m2, m3 = stages[1]["mix"], stages[2]["mix"]
+    # stage II: mask from stage I's CAM (on x), applied to x_part with a negative per anchor
+    assert torch.equal(m2["mask"], attentive_mask(stages[0]["cam"], 1, (3, 2)))
+    assert torch.equal(stages[1]["input"], hard_mix(xp, m2["mask"], m2["index"]))
+    # stage III: mask from stage II's CAM on the mixed map, applied to the UNMIXED x_part
+    assert torch.equal(m3["mask"], attentive_mask(stages[1]["cam"], 1, (3, 2)))
+    assert torch.equal(stages[2]["input"], hard_mix(xp, m3["mask"], m3["index"]))
+    for m in (m2, m3):
+        assert (targets[m["index"]] != targets).all() and m["lam"] == 1.0
+        assert not m["mask"].requires_grad
+    assert not torch.equal(m2["index"], m3["index"])  # redrawn per stage
+    # labels are not mixed: each stage's CE is plain label-smoothed CE on the true labels
+    losses = model.losses(stages, targets)
+    for k in (1, 2):
+        ref = cross_entropy_loss(stages[k]["logits"], targets, 0.1)
+        assert torch.allclose(losses[f"loss_cls_stage{k + 1}"], ref)
+
+
+# --------------------------------------------------------------- alternatives (Tab. 3, BDB)
+
+
+@pytest.mark.parametrize(
+    "mix,choice",
+    [("cutout", "attentive"), ("cutout", "random"), ("hard_mix", "random"), ("cutmix", "attentive"),
+     ("attentive_cutmix", "attentive"), ("bdb", "attentive"), ("none", "attentive")],
+)  # fmt: skip
+def test_alternatives_switchable_and_shape_correct(mix, choice):
+    model = _ci_model("MODEL.PMM.MIX", mix, "MODEL.PMM.BLOCK_CHOICE", choice)
+    images, targets = _batch()
+    x, xp, stages = _stages(model, images, targets)
+    assert (stages[0]["cam"] is not None) == model.mix.needs_cam
+    for s in stages[1:]:
+        m = s["mix"]
+        assert s["input"].shape == xp.shape and m["mask"].shape == (12, 1, 6, 2)
+        if mix == "cutout":
+            assert torch.equal(s["input"], xp * m["mask"])
+            assert ((m["mask"] == 0).flatten(1).sum(1) == 6).all()
+        elif mix == "bdb":
+            assert torch.equal(s["input"], xp * m["mask"])
+            assert (m["mask"] == m["mask"][:1]).all()  # one stripe for the whole batch
+            assert (m["mask"][0, 0] == 0).sum() == round(0.3 * 6) * 2
+        elif mix in ("cutmix", "attentive_cutmix"):
+            assert torch.equal(s["input"], hard_mix(xp, m["mask"], m["index"]))
+            assert 0.0 <= m["lam"] <= 1.0 and sorted(m["index"].tolist()) == list(range(12))
+            kept = float(m["mask"].mean())
+            assert m["lam"] == pytest.approx(kept)
+        elif mix == "none":
+            assert torch.equal(s["input"], xp)
+    losses = model.losses(stages, targets)
+    assert len(losses) == 6 and all(torch.isfinite(v) for v in losses.values())
+    if mix in ("cutmix", "attentive_cutmix"):  # labels mixed by area (§2.3, Tab. 1)
+        m = stages[1]["mix"]
+        lg = stages[1]["logits"]
+        ref = m["lam"] * cross_entropy_loss(lg, targets, 0.1) + (1 - m["lam"]) * (
+            cross_entropy_loss(lg, targets[m["index"]], 0.1)
+        )
+        assert torch.allclose(losses["loss_cls_stage2"], ref)
+    model.eval()
+    with torch.no_grad():
+        assert model(images).shape == (12, 3 * 64)
+
+
+def test_batch_drop_mask_and_bad_switches():
+    mask = batch_drop_mask(4, 24, 8, 0.3, 1.0)
+    assert (mask == 0).sum(dim=(1, 2, 3)).tolist() == [7 * 8] * 4
+    with pytest.raises(ValueError, match="MODEL.PMM.MIX"):
+        FeatureMix("mixup", "attentive", (3, 2), 3)
+    with pytest.raises(ValueError, match="BLOCK_CHOICE"):
+        FeatureMix("hard_mix", "top", (3, 2), 3)
+
+
+def test_bdb_layout_and_paper_stride():
+    model = _ci_model("MODEL.PMM.LAYOUT", "bdb", "MODEL.PMM.MIX", "bdb",
+                      "MODEL.PMM.BDB_PART_DIM", "128")  # fmt: skip
+    images, targets = _batch()
+    assert set(model({"images": images, "targets": targets})) == {
+        "loss_cls_stage1", "loss_triplet_stage1", "loss_cls_stage2", "loss_triplet_stage2"
+    }  # fmt: skip
+    model.eval()
+    with torch.no_grad():
+        assert model(images).shape == (12, 64 + 128)
+    model = _ci_model("MODEL.PMM.LAYER3_STRIDE", "1")
+    x, xp, stages = _stages(model, images, targets)
+    assert x.shape[2:] == (12, 4) and stages[1]["mix"]["mask"].shape[2:] == (12, 4)
+
+
+# ---------------------------------------------------------------- eval graph, numbers, export
+
+
+def test_eval_is_plain_and_deterministic():
+    model = _ci_model()
+    images, targets = _batch()
+    model.eval()
+    keep = images.clone()
+    with torch.no_grad():
+        torch.manual_seed(1)
+        a = model(images)
+        torch.manual_seed(2)
+        b = model(images)
+        x, xp = model.trunk(model.preprocess_image(images))
+        red = model.heads.reductions
+        ref = torch.cat(
+            [red[0](x.mean((2, 3))), red[1](xp.amax((2, 3))), red[2](xp.amax((2, 3)))], 1
+        )
+    assert torch.equal(a, b) and torch.allclose(a, ref) and torch.equal(images, keep)
+    assert a.shape == (12, 192)
+
+
+@pytest.fixture(scope="module")
+def market_counts():
+    out = {}
+    for name, path in (("pmm", MARKET), ("bdb", BDB)):
+        cfg = _cfg(path, "MODEL.HEADS.NUM_CLASSES", "751")
+        model = build_model(cfg).eval()
+        out[name] = (model, complexity.count_complexity(model, (384, 128)))
+    return out
+
+
+def test_parameter_budget_matches_spec_6_7(market_counts):
+    model, res = market_counts["pmm"]
+    assert isinstance(model, PMM)
+    assert abs(res["params"] - 32.28e6) <= 0.02 * 32.28e6, res["params"]
+    assert abs(res["macs"] - (6.08e9 + 0.86e9)) <= 0.03 * 6.94e9, res["macs"]
+    part = sum(p.numel() for p in model.heads.part.parameters())
+    assert abs(part - 4.46e6) <= 0.01e6
+    _, bdb = market_counts["bdb"]
+    assert abs(bdb["params"] - res["params"]) <= 0.001 * res["params"]  # "same amount" (§2.1)
+
+
+def test_export_parity_paper_config(tmp_path, capsys):
+    from reidzoo import export
+
+    out = str(tmp_path / "pmm.onnx")
+    opts = ["MODEL.BACKBONE.PRETRAIN", "False", "MODEL.DEVICE", "cpu",
+            "MODEL.HEADS.NUM_CLASSES", "751"]  # fmt: skip
+    assert export.main(["--config-file", MARKET, "--output", out, "--batch", "4", *opts]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("parity ") and float(last.rsplit("rel=", 1)[1]) <= 1e-4
+
+
+# ------------------------------------------------------------------------- Cutout transform
+
+TINY_SYNTH = [
+    "DATASETS.SYNTHETIC.NUM_TRAIN_IDS", "8", "DATASETS.SYNTHETIC.NUM_TEST_IDS", "8",
+    "DATASETS.SYNTHETIC.NUM_CAMERAS", "2", "DATASETS.SYNTHETIC.IMAGES_PER_ID_PER_CAM", "2",
+    "DATASETS.SYNTHETIC.HEIGHT", "64", "DATASETS.SYNTHETIC.WIDTH", "32",
+    "INPUT.SIZE_TRAIN", "[64, 32]", "INPUT.SIZE_TEST", "[64, 32]",
+    "SOLVER.IMS_PER_BATCH", "8", "DATALOADER.NUM_INSTANCE", "2", "DATALOADER.NUM_WORKERS", "0",
+]  # fmt: skip
+
+
+def test_cutout_square_and_identity_at_zero_probability():
+    import random
+
+    random.seed(0)
+    img = torch.rand(3, 96, 32) * 200 + 50
+    cut = Cutout(prob=1.0, size=16, fill=[1.0, 2.0, 3.0])
+    for _ in range(20):
+        out = cut(img)
+        hole = (out != img).all(0)
+        assert out.shape == img.shape and 0 < hole.sum() <= 16 * 16
+        rows, cols = hole.nonzero(as_tuple=True)
+        assert hole[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1].all()  # a box
+        assert (out[:, hole] == torch.tensor([1.0, 2.0, 3.0])[:, None]).all()
+    assert Cutout(prob=0.0)(img) is img
+
+
+def test_cutout_inside_fastreid_pipeline_for_baseline(tmp_path):
+    from fastreid.data.transforms import ToTensor
+
+    from reidzoo.data.transforms import build_transforms_with_registry
+    from reidzoo.engine import ReidTrainer
+
+    opts = TINY_SYNTH + ["DATASETS.ROOT", str(tmp_path / "data"), "OUTPUT_DIR", str(tmp_path)]
+    opts += ["REIDZOO.CUSTOM_IMPORTS", '["reidzoo.projects.pmm"]',
+             "INPUT.TRANSFORMS", '["PMMCutout"]',
+             "INPUT.PMM_CUTOUT.PROB", "1.0", "INPUT.PMM_CUTOUT.SIZE", "16"]  # fmt: skip
+    cfg = setup_cfg(os.path.join(REPO, "configs", "Demo", "bagtricks_R18_synthetic.yml"), opts)
+    assert cfg.MODEL.META_ARCHITECTURE == "Baseline"
+    ops = build_transforms_with_registry(cfg, is_train=True).transforms
+    i = next(j for j, t in enumerate(ops) if isinstance(t, Cutout))
+    assert isinstance(ops[i - 1], ToTensor)  # a tensor transform, just after ToTensor
+    assert ops[i].fill == [float(v) for v in cfg.MODEL.PIXEL_MEAN]  # 0 after normalisation
+    test_ops = build_transforms_with_registry(cfg, is_train=False).transforms
+    assert not any(isinstance(t, Cutout) for t in test_ops)  # training only
+    batch = next(iter(ReidTrainer.build_train_loader(cfg)))
+    assert batch["images"].shape[1:] == (3, 64, 32)
+    cfg.defrost()
+    cfg.MODEL.HEADS.NUM_CLASSES = 8
+    losses = ReidTrainer.build_model(cfg)(batch)  # fast-reid's Baseline trains on it
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+# --------------------------------------------------------------------------------- training
+
+
+def test_trains_on_demo_data_and_eval_only(tmp_path):
+    from fastreid.utils.events import EventStorage
+
+    from reidzoo.engine import ReidTrainer, default_argument_parser, main
+
+    opts = TINY_SYNTH + ["INPUT.SIZE_TRAIN", "[96, 32]", "INPUT.SIZE_TEST", "[96, 32]",
+                         "DATASETS.ROOT", str(tmp_path / "data"), "OUTPUT_DIR", str(tmp_path),
+                         "SOLVER.WARMUP_ITERS", "0"]  # fmt: skip
+    cfg = setup_cfg(CI, opts + ["SOLVER.MAX_EPOCH", "1"])
+    torch.manual_seed(0)
+    trainer = ReidTrainer(cfg)
+    batch = next(iter(trainer.data_loader))
+    trainer._trainer._data_loader_iter = itertools.repeat(batch)
+    names = {f"loss_{t}_stage{k}" for t in ("cls", "triplet") for k in (1, 2, 3)}
+    assert set(trainer.model(batch)) == names
+    losses = []
+    with EventStorage(0) as storage:
+        trainer.storage = storage
+        for i in range(5):
+            trainer.iter = i
+            trainer.run_step()
+            losses.append(storage.history("total_loss").latest())
+            assert all(math.isfinite(storage.history(n).latest()) for n in names)
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], losses
+    trainer.checkpointer.save("model_final")
+    args = default_argument_parser().parse_args(
+        ["--config-file", CI, "--eval-only", *opts,
+         "MODEL.WEIGHTS", str(tmp_path / "model_final.pth"),
+         "MODEL.HEADS.NUM_CLASSES", str(trainer.cfg.MODEL.HEADS.NUM_CLASSES)]
+    )  # fmt: skip
+    results = main(args)
+    assert 0 <= results["mAP"] <= 100 and 0 <= results["Rank-1"] <= 100
