@@ -224,3 +224,19 @@ def test_summarize_splits():
         summarize_splits([])
     with pytest.raises(ValueError, match="mAP"):
         summarize_splits([{"mAP": 1.0, "Rank-1": 2.0}, {"Rank-1": 2.0}])
+
+
+def test_cuhk03_box_type_and_protocol_from_config():
+    from reidzoo.config import get_cfg
+    from reidzoo.data.datasets import dataset_kwargs
+
+    cfg = get_cfg()
+    assert dataset_kwargs(cfg, "CUHK03") == {
+        "cuhk03_labeled": True,
+        "cuhk03_classic_split": False,
+        "split_id": 0,
+    }
+    cfg.DATASETS.CUHK03.LABELED = False
+    cfg.DATASETS.SPLIT_INDEX = 3
+    kw = dataset_kwargs(cfg, "CUHK03")
+    assert kw["cuhk03_labeled"] is False and kw["split_id"] == 3

@@ -8,6 +8,7 @@ fast-reid builds a dataset as ``DATASET_REGISTRY.get(name)(root=root, **kwargs)`
 :func:`dataset_kwargs` gives the ``kwargs`` that the config asks for.
 """
 
+from reidzoo.config import add_node, register_config
 from reidzoo.registry import DATASET_REGISTRY
 
 from .small import (
@@ -43,7 +44,8 @@ def dataset_kwargs(cfg, name):
         name (str): a registry name, e.g. ``"SyntheticReID"``, ``"PRID450S"``, ``"Market1501"``.
     Returns:
         dict: ``synthetic_kwargs(cfg)`` for ``SyntheticReID``, ``{"split_index":
-        cfg.DATASETS.SPLIT_INDEX}`` for ``VIPeRSingleShot`` / ``PRID450S``, ``{}`` for any other
+        cfg.DATASETS.SPLIT_INDEX}`` for ``VIPeRSingleShot`` / ``PRID450S``, the box type and
+        protocol of ``DATASETS.CUHK03`` (and ``split_id``) for ``CUHK03``, ``{}`` for any other
         registered dataset. fast-reid's dataset base class ignores keyword arguments it does
         not know, so the kwargs of several datasets can be merged into one dict.
     Raises:
@@ -54,4 +56,30 @@ def dataset_kwargs(cfg, name):
         return synthetic_kwargs(cfg)
     if name in SPLIT_DATASETS:
         return {"split_index": int(cfg.DATASETS.get("SPLIT_INDEX", 0))}
+    if name == "CUHK03":
+        c = cfg.DATASETS.CUHK03
+        return {
+            "cuhk03_labeled": bool(c.LABELED),
+            "cuhk03_classic_split": bool(c.CLASSIC_SPLIT),
+            "split_id": int(cfg.DATASETS.get("SPLIT_INDEX", 0)),
+        }
     return {}
+
+
+@register_config
+def add_cuhk03_config(cfg):
+    """``DATASETS.CUHK03``: which boxes and protocol fast-reid's CUHK03 loader uses.
+
+    Args:
+        cfg (CfgNode): root config, modified in place.
+    """
+    add_node(
+        cfg,
+        "DATASETS.CUHK03",
+        {
+            # True: manually labelled boxes (fast-reid's default); False: detected boxes.
+            "LABELED": True,
+            # True: the classic 20-split protocol; False: the 767/700 "new" protocol.
+            "CLASSIC_SPLIT": False,
+        },
+    )
