@@ -15,7 +15,7 @@ from importlib import metadata
 logger = logging.getLogger(__name__)
 
 GROUP = "reidzoo.plugins"
-CORE_MODULES = ("reidzoo.modeling", "reidzoo.data")
+CORE_MODULES = ("reidzoo.modeling", "reidzoo.data", "reidzoo.evaluation")
 _LOADED = {}
 
 

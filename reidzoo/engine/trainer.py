@@ -8,7 +8,6 @@ from fastreid.data import build_reid_test_loader, build_reid_train_loader
 from fastreid.data.common import CommDataset
 from fastreid.engine import DefaultTrainer
 from fastreid.engine.train_loop import AMPTrainer, SimpleTrainer, TrainerBase
-from fastreid.evaluation import ReidEvaluator
 from fastreid.modeling.meta_arch import build_model
 from fastreid.solver import build_lr_scheduler, build_optimizer
 from fastreid.utils import comm
@@ -230,5 +229,10 @@ class ReidTrainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_dir=None):
+        """Test loader and the evaluator named by ``TEST.EVALUATOR`` (fast-reid's
+        ``ReidEvaluator`` by default, or reidzoo's memory-bounded ``ChunkedReidEvaluator``)."""
+        from reidzoo.evaluation import build_reid_evaluator
+
         data_loader, num_query = cls.build_test_loader(cfg, dataset_name)
-        return data_loader, ReidEvaluator(cfg, num_query, output_dir)
+        num_gallery = len(data_loader.dataset) - num_query
+        return data_loader, build_reid_evaluator(cfg, num_query, num_gallery, output_dir)
