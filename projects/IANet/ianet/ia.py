@@ -50,15 +50,24 @@ def context_logits(dots, h, w, contexts):
     d5 = dots.reshape(n, h, w, h, w)
     if pad:
         d5 = F.pad(d5, (pad, pad, pad, pad, pad, pad, pad, pad))
-    out = []
-    for k in contexts:
-        acc = None
+
+    def shifted(dy, dx):
+        ys, xs = pad + dy, pad + dx
+        return d5[:, ys : ys + h, xs : xs + w, ys : ys + h, xs : xs + w]
+
+    # Contexts are nested (Omega_1 in Omega_2 in Omega_3): each sum starts from the largest
+    # one already computed that it contains, so every shifted map is added once.
+    done = {}
+    for k in sorted(set(contexts), key=lambda k: len(offsets[k])):
+        want = frozenset(offsets[k])
+        base = max((s for s in done if s <= want), key=len, default=frozenset())
+        acc = done[base] if base else None
         for dy, dx in offsets[k]:
-            ys, xs = pad + dy, pad + dx
-            part = d5[:, ys : ys + h, xs : xs + w, ys : ys + h, xs : xs + w]
-            acc = part if acc is None else acc + part
-        out.append(acc.reshape(n, m, m))
-    return out
+            if (dy, dx) not in base:
+                part = shifted(dy, dx)
+                acc = part if acc is None else acc + part
+        done[want] = acc
+    return [done[frozenset(offsets[k])].reshape(n, m, m) for k in contexts]
 
 
 def location_relation(h, w, sigma_x, sigma_y, device=None):
