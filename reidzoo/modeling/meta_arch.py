@@ -10,7 +10,10 @@ class ReidMetaArch(nn.Module):
     """Base class for paper meta-architectures, following fast-reid's ``Baseline`` contract.
 
     Holds ``pixel_mean``/``pixel_std`` buffers from ``MODEL.PIXEL_MEAN/STD`` and normalises
-    images out of place (the caller's batch is never modified).
+    images out of place (the caller's batch is never modified). Reads fast-reid's loss settings
+    once: ``loss_names`` (``MODEL.LOSSES.NAME``), ``ce`` = (EPSILON, ALPHA, SCALE) of
+    ``MODEL.LOSSES.CE`` and ``tri`` = (MARGIN, NORM_FEAT, HARD_MINING, SCALE) of
+    ``MODEL.LOSSES.TRI``.
 
     Args:
         cfg (CfgNode)
@@ -22,6 +25,15 @@ class ReidMetaArch(nn.Module):
         std = torch.tensor(cfg.MODEL.PIXEL_STD, dtype=torch.float32).view(1, -1, 1, 1)
         self.register_buffer("pixel_mean", mean, False)
         self.register_buffer("pixel_std", std, False)
+        loss = cfg.MODEL.LOSSES
+        self.loss_names = tuple(loss.NAME)
+        self.ce = (float(loss.CE.EPSILON), float(loss.CE.ALPHA), float(loss.CE.SCALE))
+        self.tri = (
+            float(loss.TRI.MARGIN),
+            bool(loss.TRI.NORM_FEAT),
+            bool(loss.TRI.HARD_MINING),
+            float(loss.TRI.SCALE),
+        )
 
     @property
     def device(self):

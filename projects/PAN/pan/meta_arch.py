@@ -32,11 +32,6 @@ class PAN(ReidMetaArch):
         super().__init__(cfg)
         self.backbone = build_backbone(cfg)
         self.heads = build_heads(cfg)
-        losses = cfg.MODEL.LOSSES
-        self.loss_names = tuple(losses.NAME)
-        self.ce = (losses.CE.EPSILON, losses.CE.ALPHA, losses.CE.SCALE)
-        self.tri = (losses.TRI.MARGIN, losses.TRI.NORM_FEAT, losses.TRI.HARD_MINING,
-                    losses.TRI.SCALE)  # fmt: skip
         self.orth_weight = float(cfg.MODEL.PAN.ORTH_WEIGHT)
         self.orth_normalize = cfg.MODEL.PAN.ORTH_MASKS == "normalized"
         pam = tuple(getattr(self.heads, "pam_stages", ()))

@@ -128,10 +128,6 @@ class PFE(ReidMetaArch):
         if self.frozen:
             for m in self.main_modules():
                 m.requires_grad_(False)
-        loss = cfg.MODEL.LOSSES
-        self.ce = (float(loss.CE.EPSILON), float(loss.CE.ALPHA), float(loss.CE.SCALE))
-        self.tri = (float(loss.TRI.MARGIN), bool(loss.TRI.NORM_FEAT),
-                    bool(loss.TRI.HARD_MINING), float(loss.TRI.SCALE))  # fmt: skip
         self.train(self.training)
 
     def main_modules(self):

@@ -131,15 +131,6 @@ class PMM(ReidMetaArch):
             (p.BDB_HEIGHT_RATIO, p.BDB_WIDTH_RATIO),
             p.CUTMIX_ALPHA,
         )
-        loss = cfg.MODEL.LOSSES
-        self.loss_names = tuple(loss.NAME)
-        self.ce = (float(loss.CE.EPSILON), float(loss.CE.ALPHA), float(loss.CE.SCALE))
-        self.tri = (
-            float(loss.TRI.MARGIN),
-            bool(loss.TRI.NORM_FEAT),
-            bool(loss.TRI.HARD_MINING),
-            float(loss.TRI.SCALE),
-        )
 
     @property
     def num_stages(self):

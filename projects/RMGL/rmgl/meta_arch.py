@@ -175,15 +175,6 @@ class RMGL(ReidMetaArch):
             int(cfg.MODEL.HEADS.NUM_CLASSES),
             bool(r.REDUCTION_RELU),
         )
-        loss = cfg.MODEL.LOSSES
-        self.loss_names = tuple(loss.NAME)
-        self.ce = (float(loss.CE.EPSILON), float(loss.CE.ALPHA), float(loss.CE.SCALE))
-        self.tri = (
-            float(loss.TRI.MARGIN),
-            bool(loss.TRI.NORM_FEAT),
-            bool(loss.TRI.HARD_MINING),
-            float(loss.TRI.SCALE),
-        )
 
     @property
     def segment_names(self):
