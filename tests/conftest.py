@@ -111,6 +111,49 @@ def tiny_cfg(root, output_dir, **overrides):
     return cfg
 
 
+#: Overrides that shrink any paper's CPU config to a tiny SyntheticReID run (batch 8 = 4 x 2).
+TINY_SYNTH = [
+    "DATASETS.SYNTHETIC.NUM_TRAIN_IDS", "8", "DATASETS.SYNTHETIC.NUM_TEST_IDS", "8",
+    "DATASETS.SYNTHETIC.NUM_CAMERAS", "2", "DATASETS.SYNTHETIC.IMAGES_PER_ID_PER_CAM", "2",
+    "DATASETS.SYNTHETIC.HEIGHT", "64", "DATASETS.SYNTHETIC.WIDTH", "32",
+    "INPUT.SIZE_TRAIN", "[64, 32]", "INPUT.SIZE_TEST", "[64, 32]",
+    "SOLVER.IMS_PER_BATCH", "8", "DATALOADER.NUM_INSTANCE", "2", "DATALOADER.NUM_WORKERS", "0",
+]  # fmt: skip
+
+
+def fix_batch(trainer):
+    """Make every training step of ``trainer`` see the same batch; returns that batch."""
+    import itertools
+
+    batch = next(iter(trainer.data_loader))
+    trainer._trainer._data_loader_iter = itertools.repeat(batch)
+    return batch
+
+
+def run_steps(trainer, steps, terms=()):
+    """Run ``steps`` training steps inside an EventStorage.
+
+    Args:
+        trainer (ReidTrainer)
+        steps (int)
+        terms (Iterable[str]): logged loss names to record after every step.
+    Returns:
+        tuple[list[float], list[dict[str, float]]]: total loss per step, and the ``terms``
+        values per step.
+    """
+    from fastreid.utils.events import EventStorage
+
+    totals, values = [], []
+    with EventStorage(0) as storage:
+        trainer.storage = storage
+        for i in range(steps):
+            trainer.iter = i
+            trainer.run_step()
+            totals.append(storage.history("total_loss").latest())
+            values.append({k: storage.history(k).latest() for k in terms})
+    return totals, values
+
+
 @pytest.fixture
 def seeded():
     torch.manual_seed(0)

@@ -18,7 +18,7 @@ from reidzoo.projects.ianet import (
 
 from reidzoo import complexity
 from reidzoo.config import get_cfg, setup_cfg
-from tests.conftest import REPO
+from tests.conftest import REPO, TINY_SYNTH, fix_batch, run_steps
 
 CONFIGS = os.path.join(REPO, "projects", "IANet", "configs")
 
@@ -232,19 +232,7 @@ def test_export_parity_paper_config(tmp_path, capsys):
     assert last.startswith("parity ") and float(last.rsplit("rel=", 1)[1]) <= 1e-4
 
 
-TINY_SYNTH = [
-    "DATASETS.SYNTHETIC.NUM_TRAIN_IDS", "8", "DATASETS.SYNTHETIC.NUM_TEST_IDS", "8",
-    "DATASETS.SYNTHETIC.NUM_CAMERAS", "2", "DATASETS.SYNTHETIC.IMAGES_PER_ID_PER_CAM", "2",
-    "DATASETS.SYNTHETIC.HEIGHT", "64", "DATASETS.SYNTHETIC.WIDTH", "32",
-    "INPUT.SIZE_TRAIN", "[64, 32]", "INPUT.SIZE_TEST", "[64, 32]",
-    "SOLVER.IMS_PER_BATCH", "8", "DATALOADER.NUM_INSTANCE", "2", "DATALOADER.NUM_WORKERS", "0",
-]  # fmt: skip
-
-
 def test_trains_on_demo_data_and_eval_only(tmp_path):
-    import itertools
-
-    from fastreid.utils.events import EventStorage
 
     from reidzoo.engine import ReidTrainer, default_argument_parser, main
 
@@ -254,16 +242,9 @@ def test_trains_on_demo_data_and_eval_only(tmp_path):
     torch.manual_seed(0)
     trainer = ReidTrainer(cfg)
     assert sum(isinstance(m, IABlock) for m in trainer.model.modules()) == 2
-    batch = next(iter(trainer.data_loader))
-    trainer._trainer._data_loader_iter = itertools.repeat(batch)
+    batch = fix_batch(trainer)
     assert set(trainer.model(batch)) == {"loss_cls"}  # cross-entropy only (§3.4)
-    losses = []
-    with EventStorage(0) as storage:
-        trainer.storage = storage
-        for i in range(6):
-            trainer.iter = i
-            trainer.run_step()
-            losses.append(storage.history("total_loss").latest())
+    losses, _ = run_steps(trainer, 6)
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
     bn = trainer.model.backbone.inserts["layer3"].sia.bn
     assert bn.weight.abs().sum() > 0  # the zero-initialised residual BN is learning

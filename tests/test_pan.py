@@ -11,7 +11,7 @@ from reidzoo.projects.pan import PAM, PLM, NonLocal, PANHead, StripeParts, ortho
 
 from reidzoo import complexity
 from reidzoo.config import get_cfg, setup_cfg
-from tests.conftest import REPO
+from tests.conftest import REPO, TINY_SYNTH, fix_batch, run_steps
 
 CONFIGS = os.path.join(REPO, "projects", "PAN", "configs")
 MARKET = os.path.join(CONFIGS, "PAN_R50_Market1501.yml")
@@ -252,19 +252,7 @@ def test_pan_components_in_other_models_by_config():
         build_model(cfg).eval()(images)
 
 
-TINY_SYNTH = [
-    "DATASETS.SYNTHETIC.NUM_TRAIN_IDS", "8", "DATASETS.SYNTHETIC.NUM_TEST_IDS", "8",
-    "DATASETS.SYNTHETIC.NUM_CAMERAS", "2", "DATASETS.SYNTHETIC.IMAGES_PER_ID_PER_CAM", "2",
-    "DATASETS.SYNTHETIC.HEIGHT", "64", "DATASETS.SYNTHETIC.WIDTH", "32",
-    "INPUT.SIZE_TRAIN", "[64, 32]", "INPUT.SIZE_TEST", "[64, 32]",
-    "SOLVER.IMS_PER_BATCH", "8", "DATALOADER.NUM_INSTANCE", "2", "DATALOADER.NUM_WORKERS", "0",
-]  # fmt: skip
-
-
 def test_trains_on_demo_data_and_eval_only(tmp_path):
-    import itertools
-
-    from fastreid.utils.events import EventStorage
 
     from reidzoo.engine import ReidTrainer, default_argument_parser, main
 
@@ -275,18 +263,10 @@ def test_trains_on_demo_data_and_eval_only(tmp_path):
     torch.manual_seed(0)
     trainer = ReidTrainer(cfg)
     assert trainer.max_iter == 6  # iteration-based schedule
-    batch = next(iter(trainer.data_loader))
-    trainer._trainer._data_loader_iter = itertools.repeat(batch)
+    batch = fix_batch(trainer)
     expected = {f"loss_cls_p{k}" for k in range(6)} | {"loss_triplet", "loss_orth"}
     assert set(trainer.model(batch)) == expected
-    totals, terms = [], []
-    with EventStorage(0) as storage:
-        trainer.storage = storage
-        for i in range(6):
-            trainer.iter = i
-            trainer.run_step()
-            totals.append(storage.history("total_loss").latest())
-            terms.append({k: storage.history(k).latest() for k in expected})
+    totals, terms = run_steps(trainer, 6, expected)
     assert all(math.isfinite(v) for v in totals) and totals[-1] < totals[0], totals
     assert all(math.isfinite(v) for t in terms for v in t.values())
     assert sum(terms[-1][f"loss_cls_p{k}"] for k in range(6)) < sum(

@@ -1,7 +1,6 @@
 """PFE: TSAM, MFA (mask, propagation), cascade / region-overlap losses, two-stage training with
 a frozen main branch, the paper's size numbers, export and use of TSAM in other models."""
 
-import itertools
 import math
 import os
 
@@ -25,7 +24,7 @@ from reidzoo.projects.pfe.meta_arch import bnneck, classifier
 
 from reidzoo import complexity
 from reidzoo.config import setup_cfg
-from tests.conftest import REPO
+from tests.conftest import REPO, TINY_SYNTH, fix_batch, run_steps
 
 CONFIGS = os.path.join(REPO, "projects", "PFE", "configs")
 MARKET1 = os.path.join(CONFIGS, "PFE_R50_Market1501_stage1.yml")
@@ -289,30 +288,14 @@ def test_export_parity_market_stage2_mask_in_graph(tmp_path, capsys):
 
 # --------------------------------------------------------------------------------- training
 
-TINY_SYNTH = [
-    "DATASETS.SYNTHETIC.NUM_TRAIN_IDS", "8", "DATASETS.SYNTHETIC.NUM_TEST_IDS", "8",
-    "DATASETS.SYNTHETIC.NUM_CAMERAS", "2", "DATASETS.SYNTHETIC.IMAGES_PER_ID_PER_CAM", "2",
-    "DATASETS.SYNTHETIC.HEIGHT", "64", "DATASETS.SYNTHETIC.WIDTH", "32",
-    "INPUT.SIZE_TRAIN", "[64, 32]", "INPUT.SIZE_TEST", "[64, 32]",
-    "SOLVER.IMS_PER_BATCH", "8", "DATALOADER.NUM_INSTANCE", "2", "DATALOADER.NUM_WORKERS", "0",
-]  # fmt: skip
-
 
 def _steps(trainer, n):
-    from fastreid.utils.events import EventStorage
 
-    batch = next(iter(trainer.data_loader))
-    trainer._trainer._data_loader_iter = itertools.repeat(batch)
+    batch = fix_batch(trainer)
     names = set(trainer.model(batch))
     trainer.model.train()
-    totals = []
-    with EventStorage(0) as storage:
-        trainer.storage = storage
-        for i in range(n):
-            trainer.iter = i
-            trainer.run_step()
-            totals.append(storage.history("total_loss").latest())
-            assert all(math.isfinite(storage.history(k).latest()) for k in names)
+    totals, terms = run_steps(trainer, n, names)
+    assert all(math.isfinite(v) for t in terms for v in t.values())
     return names, totals
 
 

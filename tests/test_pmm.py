@@ -1,7 +1,6 @@
 """PMM: cheap Grad-CAM against a full-backward reference, Hard-Mix properties, alternatives,
 parameter budget, export, Cutout in another model's pipeline, training and --eval-only."""
 
-import itertools
 import math
 import os
 
@@ -22,7 +21,7 @@ from reidzoo.projects.pmm import (
 
 from reidzoo import complexity
 from reidzoo.config import setup_cfg
-from tests.conftest import REPO
+from tests.conftest import REPO, TINY_SYNTH, fix_batch, run_steps
 
 CONFIGS = os.path.join(REPO, "projects", "PMM", "configs")
 MARKET = os.path.join(CONFIGS, "PMM_R50_Market1501.yml")
@@ -306,14 +305,6 @@ def test_export_parity_paper_config(tmp_path, capsys):
 
 # ------------------------------------------------------------------------- Cutout transform
 
-TINY_SYNTH = [
-    "DATASETS.SYNTHETIC.NUM_TRAIN_IDS", "8", "DATASETS.SYNTHETIC.NUM_TEST_IDS", "8",
-    "DATASETS.SYNTHETIC.NUM_CAMERAS", "2", "DATASETS.SYNTHETIC.IMAGES_PER_ID_PER_CAM", "2",
-    "DATASETS.SYNTHETIC.HEIGHT", "64", "DATASETS.SYNTHETIC.WIDTH", "32",
-    "INPUT.SIZE_TRAIN", "[64, 32]", "INPUT.SIZE_TEST", "[64, 32]",
-    "SOLVER.IMS_PER_BATCH", "8", "DATALOADER.NUM_INSTANCE", "2", "DATALOADER.NUM_WORKERS", "0",
-]  # fmt: skip
-
 
 def test_cutout_square_and_identity_at_zero_probability():
     import random
@@ -361,7 +352,6 @@ def test_cutout_inside_fastreid_pipeline_for_baseline(tmp_path):
 
 
 def test_trains_on_demo_data_and_eval_only(tmp_path):
-    from fastreid.utils.events import EventStorage
 
     from reidzoo.engine import ReidTrainer, default_argument_parser, main
 
@@ -371,18 +361,11 @@ def test_trains_on_demo_data_and_eval_only(tmp_path):
     cfg = setup_cfg(CI, opts + ["SOLVER.MAX_EPOCH", "1"])
     torch.manual_seed(0)
     trainer = ReidTrainer(cfg)
-    batch = next(iter(trainer.data_loader))
-    trainer._trainer._data_loader_iter = itertools.repeat(batch)
+    batch = fix_batch(trainer)
     names = {f"loss_{t}_stage{k}" for t in ("cls", "triplet") for k in (1, 2, 3)}
     assert set(trainer.model(batch)) == names
-    losses = []
-    with EventStorage(0) as storage:
-        trainer.storage = storage
-        for i in range(5):
-            trainer.iter = i
-            trainer.run_step()
-            losses.append(storage.history("total_loss").latest())
-            assert all(math.isfinite(storage.history(n).latest()) for n in names)
+    losses, terms = run_steps(trainer, 5, names)
+    assert all(math.isfinite(v) for t in terms for v in t.values())
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], losses
     trainer.checkpointer.save("model_final")
     args = default_argument_parser().parse_args(

@@ -23,7 +23,7 @@ from reidzoo.projects.rmgl import (
 
 from reidzoo import complexity
 from reidzoo.config import get_cfg, setup_cfg
-from tests.conftest import REPO
+from tests.conftest import REPO, TINY_SYNTH, fix_batch, run_steps
 
 CONFIGS = os.path.join(REPO, "projects", "RMGL", "configs")
 MARKET = os.path.join(CONFIGS, "RMGL_R50_Market1501.yml")
@@ -287,19 +287,8 @@ def test_export_parity_paper_config(tmp_path, capsys):
 
 # --------------------------------------------------------------------------------- training
 
-TINY_SYNTH = [
-    "DATASETS.SYNTHETIC.NUM_TRAIN_IDS", "8", "DATASETS.SYNTHETIC.NUM_TEST_IDS", "8",
-    "DATASETS.SYNTHETIC.NUM_CAMERAS", "2", "DATASETS.SYNTHETIC.IMAGES_PER_ID_PER_CAM", "2",
-    "DATASETS.SYNTHETIC.HEIGHT", "64", "DATASETS.SYNTHETIC.WIDTH", "32",
-    "INPUT.SIZE_TRAIN", "[64, 32]", "INPUT.SIZE_TEST", "[64, 32]",
-    "SOLVER.IMS_PER_BATCH", "8", "DATALOADER.NUM_INSTANCE", "2", "DATALOADER.NUM_WORKERS", "0",
-]  # fmt: skip
-
 
 def test_trains_on_demo_data_and_eval_only(tmp_path):
-    import itertools
-
-    from fastreid.utils.events import EventStorage
 
     from reidzoo.engine import ReidTrainer, default_argument_parser, main
 
@@ -317,19 +306,12 @@ def test_trains_on_demo_data_and_eval_only(tmp_path):
         is_head = all(id(p) in head_ids for p in group["params"])
         assert any(id(p) in head_ids for p in group["params"]) == is_head
         assert group["initial_lr"] == pytest.approx(base * (10.0 if is_head else 1.0))
-    batch = next(iter(trainer.data_loader))
-    trainer._trainer._data_loader_iter = itertools.repeat(batch)
+    batch = fix_batch(trainer)
     names = set(model(batch))
     ce = {n for n in names if n.startswith("loss_cls_")}
     assert len(ce) == 14 and names - ce == {"loss_triplet_local2", "loss_triplet_local3"}
-    losses = []
-    with EventStorage(0) as storage:
-        trainer.storage = storage
-        for i in range(4):
-            trainer.iter = i
-            trainer.run_step()
-            losses.append(storage.history("total_loss").latest())
-            assert all(math.isfinite(storage.history(n).latest()) for n in names)
+    losses, terms = run_steps(trainer, 4, names)
+    assert all(math.isfinite(v) for t in terms for v in t.values())
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], losses
     trainer.checkpointer.save("model_final")
     args = default_argument_parser().parse_args(

@@ -1,6 +1,5 @@
 """The trainer learns, checkpoints atomically, resumes, evaluates and runs data-parallel."""
 
-import itertools
 import json
 import os
 import subprocess
@@ -8,23 +7,14 @@ import sys
 
 import pytest
 import torch
-from fastreid.utils.events import EventStorage
 
 from reidzoo.engine import ReidTrainer
-from tests.conftest import REPO, tiny_cfg
+from tests.conftest import REPO, fix_batch, run_steps, tiny_cfg
 
 
 def _fixed_batch_steps(trainer, steps):
-    batch = next(iter(trainer.data_loader))
-    trainer._trainer._data_loader_iter = itertools.repeat(batch)
-    losses = []
-    with EventStorage(0) as storage:
-        trainer.storage = storage
-        for i in range(steps):
-            trainer.iter = i
-            trainer.run_step()
-            losses.append(storage.history("total_loss").latest())
-    return losses
+    fix_batch(trainer)
+    return run_steps(trainer, steps)[0]
 
 
 def test_learning_every_group_changes_and_loss_drops(tiny_market, tmp_path):
