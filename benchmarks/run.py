@@ -100,13 +100,32 @@ MGN = ("MODEL.META_ARCHITECTURE", "MGN", "MODEL.BACKBONE.NAME", "build_resnet_ba
        "MODEL.HEADS.EMBEDDING_DIM", "256")  # fmt: skip
 BASE_256 = "fastreid-baseline-256x128"
 BASE_384 = "fastreid-baseline-384x128"
+BASE_384x192 = "fastreid-baseline-384x192"
+PAN_PLM = "pan-plm-baseline-384x128"
+PMM_BDB = "pmm-bdb-layout-384x128"
+PAN = "projects/PAN/configs/PAN_R50_Market1501.yml"
+PFE = "projects/PFE/configs/PFE_R50_Market1501_stage{}.yml"
+PMM = "projects/PMM/configs/PMM_R50_Market1501.yml"
+# PAN's own baseline (Table 2 "Baseline"): PLM parts, no PAM connection, everything else equal.
+NO_PAM = ("MODEL.PAN.PAM_STAGES", "[]", "MODEL.PAN.PAM_DIMS", "[]")
+# PMM's baseline (the issue's "BDB-style two-head model without Grad-CAM"): BDB's global + part
+# branches with random batch drop in PMM's code (ablations/bdb_layout.yml), no Grad-CAM pass.
+BDB = ("MODEL.PMM.LAYOUT", "bdb", "MODEL.PMM.MIX", "bdb")
 
 # name -> (config, extra KEY VALUE overrides, baseline name); one line per model.
 MODELS = {
     BASE_256: Model(BAGTRICKS, size(256, 128), BASE_256),
     BASE_384: Model(BAGTRICKS, size(384, 128), BASE_384),
     "fastreid-mgn-384x128": Model(BAGTRICKS, MGN + size(384, 128), BASE_384),
+    BASE_384x192: Model(BAGTRICKS, size(384, 192), BASE_384x192),
     "ianet-256x128": Model("projects/IANet/configs/IANet_R50_Market1501.yml", (), BASE_256),
+    PAN_PLM: Model(PAN, NO_PAM, PAN_PLM),
+    "pan-384x128": Model(PAN, (), PAN_PLM),
+    "pfe-stage1-384x192": Model(PFE.format(1), (), BASE_384x192),
+    "pfe-stage2-384x192": Model(PFE.format(2), (), BASE_384x192),
+    PMM_BDB: Model(PMM, BDB, PMM_BDB),
+    "pmm-384x128": Model(PMM, (), PMM_BDB),
+    "rmgl-384x128": Model("projects/RMGL/configs/RMGL_R50_Market1501.yml", (), BASE_384),
 }
 
 DEFAULT_MODELS = list(MODELS)

@@ -92,11 +92,22 @@ def test_ratios_and_markdown(tiny_row):
     assert "| ianet-256x128 | 64x32 |" in text and "nproc" in text
 
 
+def _test_size(name):
+    from reidzoo.config import setup_cfg
+
+    spec = run.MODELS[name]
+    cfg = setup_cfg(os.path.join(REPO, spec.config), list(run.COMMON_OPTS + spec.opts))
+    return list(cfg.INPUT.SIZE_TEST)
+
+
 def test_registry_baselines_and_resolution():
     for name, spec in run.MODELS.items():
         assert spec.baseline in run.MODELS, name
         assert os.path.isfile(os.path.join(REPO, spec.config)), spec.config
         assert len(spec.opts) % 2 == 0, name
+    sizes = {n: _test_size(n) for n in run.MODELS}
+    for name, spec in run.MODELS.items():  # ratios need the same input size (add_ratios)
+        assert sizes[name] == sizes[spec.baseline], name
     assert run.resolve_models(["ianet-256x128"]) == ["ianet-256x128", run.BASE_256]
     with pytest.raises(KeyError, match="registered"):
         run.resolve_models(["no-such-model"])
