@@ -13,3 +13,12 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 from reidzoo import compat  # noqa: E402
 
 compat.apply()
+
+
+def __getattr__(name):
+    # Lazy, so that `import reidzoo` does not build transforms or import the model code.
+    if name == "FeatureExtractor":
+        from reidzoo.inference import FeatureExtractor
+
+        return FeatureExtractor
+    raise AttributeError(f"module 'reidzoo' has no attribute '{name}'")
