@@ -5,6 +5,7 @@ Importing this package registers ``PAN`` (``META_ARCH_REGISTRY``), ``PANHead``
 ``cfg.MODEL.PAN``.
 """
 
+from . import maps  # noqa: F401  (registers the explanatory-map producer)
 from .config import add_pan_config
 from .heads import PANHead, stage_channels
 from .meta_arch import PAN

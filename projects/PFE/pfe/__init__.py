@@ -4,6 +4,7 @@ Importing this package registers ``PFE`` (``META_ARCH_REGISTRY``) and ``PFETSAM`
 (``STAGE_MODULE_REGISTRY``) and adds ``cfg.MODEL.PFE``.
 """
 
+from . import maps  # noqa: F401  (registers the explanatory-map producer)
 from .config import add_pfe_config
 from .losses import cascade_loss, independent_loss, region_overlap_loss, uniform_loss
 from .meta_arch import PFE, PFEHeads

@@ -5,6 +5,7 @@ tensor transform ``PMMCutout`` (``TRANSFORM_REGISTRY``), and adds ``cfg.MODEL.PM
 ``cfg.INPUT.PMM_CUTOUT``.
 """
 
+from . import maps  # noqa: F401  (registers the explanatory-map producer)
 from .config import add_pmm_config
 from .meta_arch import PMM, PMMHeads, set_layer_stride
 from .modules import (

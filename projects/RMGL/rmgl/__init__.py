@@ -5,6 +5,7 @@ PIL transforms ``RMGLRandomShift`` (RSA) and ``RMGLCropResizeShift`` (Tab. VI "R
 (``TRANSFORM_REGISTRY``), and adds ``cfg.MODEL.RMGL`` and ``cfg.INPUT.RSA``.
 """
 
+from . import maps  # noqa: F401  (registers the explanatory-map producer)
 from .config import add_rmgl_config
 from .meta_arch import RMGL, RMGLHeads
 from .modules import (
