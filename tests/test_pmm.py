@@ -203,7 +203,8 @@ def test_alternatives_switchable_and_shape_correct(mix, choice):
         elif mix == "bdb":
             assert torch.equal(s["input"], xp * m["mask"])
             assert (m["mask"] == m["mask"][:1]).all()  # one stripe for the whole batch
-            assert (m["mask"][0, 0] == 0).sum() == round(0.3 * 6) * 2
+            rh, rw = model.mix.bdb_ratios  # MODEL.PMM.BDB_HEIGHT_RATIO / _WIDTH_RATIO
+            assert (m["mask"][0, 0] == 0).sum() == round(rh * 6) * round(rw * 2)
         elif mix in ("cutmix", "attentive_cutmix"):
             assert torch.equal(s["input"], hard_mix(xp, m["mask"], m["index"]))
             assert 0.0 <= m["lam"] <= 1.0 and sorted(m["index"].tolist()) == list(range(12))

@@ -273,6 +273,131 @@ def test_rp_position_input_equals_per_stripe_network():
         assert torch.allclose(feats[1 + k], maps[k].amax(dim=(2, 3)), atol=1e-5)
 
 
+def test_rp_position_stem_equals_per_stripe_network():
+    """Fig. 9 "res2": the map fed into res_conv2 (stem output) is cut; each stripe then runs
+    layer1 and the branch on its own."""
+    cfg = _cfg(CI, "MODEL.HEADS.NUM_CLASSES", "5", "MODEL.RMGL.PATHS", "rp",
+               "MODEL.RMGL.RP_POSITION", "stem", "MODEL.RMGL.GRANULARITIES", "[2]")  # fmt: skip
+    model = build_model(cfg).eval()
+    assert model.rp_index == 1  # after the stem segment
+    x = torch.randn(2, 3, 96, 32)
+    with torch.no_grad():
+        feats = model.pooled_features(x)
+        stem = model.trunk[0](x)  # [2, 64, 24, 8]
+        maps = [model._run(0, stem[:, :, 12 * k : 12 * (k + 1)], 1, 5) for k in range(2)]
+        whole = model._run(0, stem, 1, 5)
+    for k in range(2):
+        assert torch.allclose(feats[1 + k], maps[k].amax(dim=(2, 3)), atol=1e-5)
+    assert not torch.allclose(feats[1], whole[:, :, :3].amax(dim=(2, 3)), atol=1e-3)
+
+
+# ------------------------------------------------------------------ ablation configs (§IV-D)
+
+ABLATIONS = os.path.join(CONFIGS, "ablations")
+ABLATION_FILES = sorted(f for f in os.listdir(ABLATIONS) if f.endswith(".yml"))
+# Fig. 9 axis "res_x" = the map fed into res_conv_x (caption) -> RP_POSITION
+FIG9_POSITIONS = {"input": "input", "res2": "stem", "res3": "layer1", "res4": "layer2",
+                  "res5": "layer3", "output": "layer4"}  # fmt: skip
+TINY_RMGL = ["MODEL.BACKBONE.DEPTH", "18x", "MODEL.BACKBONE.FEAT_DIM", "512",
+             "MODEL.RMGL.REDUCTION_DIM", "16", "MODEL.HEADS.NUM_CLASSES", "5"]  # fmt: skip
+
+
+def _flat(node, prefix=""):
+    out = {}
+    for k, v in node.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+def _ablation(name):
+    return _flat(_cfg(os.path.join(ABLATIONS, name)))
+
+
+def test_every_ablation_config_loads_and_builds_its_model():
+    from reidzoo.registry import TRANSFORM_REGISTRY
+
+    assert any(f.startswith("fig8_") for f in ABLATION_FILES)
+    assert any(f.startswith("fig9_") for f in ABLATION_FILES)
+    built = {}  # configs that differ only outside MODEL (e.g. Tab. VI's augmentations) share one
+    for name in ABLATION_FILES:
+        cfg = _cfg(os.path.join(ABLATIONS, name), *TINY_RMGL)
+        assert cfg.MODEL.META_ARCHITECTURE == "RMGL", name
+        for t in cfg.INPUT.TRANSFORMS:
+            TRANSFORM_REGISTRY.get(t)  # KeyError naming the transform if it is not registered
+        key = tuple(sorted(_flat(cfg.MODEL).items()))
+        model = built[key] = built[key] if key in built else build_model(cfg)
+        r = cfg.MODEL.RMGL
+        assert isinstance(model, RMGL), name
+        assert model.granularities == list(r.GRANULARITIES) and model.paths == r.PATHS, name
+        assert (["input", *model.segment_names])[model.rp_index] == r.RP_POSITION, name
+        per_path = {"dual": 2, "rp": 1, "original": 1}[r.PATHS]
+        count = sum(1 if k == 1 else per_path * (1 + k) for k in r.GRANULARITIES)
+        assert len(model.heads.reductions) == count, name
+    # one forward: the new partition position (stem) with the finest Fig. 9 K
+    cfg = _cfg(os.path.join(ABLATIONS, "fig9_k6_res2.yml"), *TINY_RMGL)
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        out = model(torch.rand(2, 3, 96, 32) * 255)  # 96 = 16 x 6: six aligned stripes
+    assert out.shape == (2, 2 * (1 + 6) * 16)
+
+
+def _assert_only_swept_keys_differ(configs, swept):
+    names = sorted(configs)
+    ref = configs[names[0]]
+    for name in names[1:]:
+        diff = {k for k in ref.keys() | configs[name].keys()
+                if ref.get(k) != configs[name].get(k)}  # fmt: skip
+        assert diff <= set(swept) | {"OUTPUT_DIR"}, (name, sorted(diff - set(swept)))
+    outs = [configs[n]["OUTPUT_DIR"] for n in names]
+    assert len(set(outs)) == len(outs)  # every run writes its own folder
+
+
+def test_fig8_fig9_sweeps_vary_what_their_names_say():
+    import re
+
+    fig8 = {f: _ablation(f) for f in ABLATION_FILES if f.startswith("fig8_")}
+    seen = []
+    for name, c in fig8.items():
+        k = int(re.fullmatch(r"fig8_s(\d+)\.yml", name).group(1))
+        assert c["MODEL.RMGL.GRANULARITIES"] == (k,), name
+        seen.append(k)
+        # "single-branch dual-path networks with RP and RSA"
+        assert c["MODEL.RMGL.PATHS"] == "dual" and "RMGLRandomShift" in c["INPUT.TRANSFORMS"]
+        assert c["MODEL.RMGL.RP_POSITION"] == "layer1"
+    assert len(seen) >= 4 and all(384 % (16 * k) == 0 for k in seen)  # stripes tile 384 rows
+    _assert_only_swept_keys_differ(fig8, ["MODEL.RMGL.GRANULARITIES"])
+
+    fig9 = {f: _ablation(f) for f in ABLATION_FILES if f.startswith("fig9_")}
+    grid = set()
+    for name, c in fig9.items():
+        m = re.fullmatch(r"fig9_k(\d+)_(\w+)\.yml", name)
+        k, pos = int(m.group(1)), m.group(2)
+        assert c["MODEL.RMGL.GRANULARITIES"] == (k,), name
+        assert c["MODEL.RMGL.RP_POSITION"] == FIG9_POSITIONS[pos], name
+        grid.add((k, pos))
+    # "K = 2, 3, 6" x every split position of the figure's axis
+    assert grid == {(k, p) for k in (2, 3, 6) for p in FIG9_POSITIONS}
+    _assert_only_swept_keys_differ(fig9, ["MODEL.RMGL.GRANULARITIES", "MODEL.RMGL.RP_POSITION"])
+
+
+def test_tab5_names_match_their_switches():
+    import re
+
+    for name in (f for f in ABLATION_FILES if f.startswith("tab5_")):
+        m = re.fullmatch(r"tab5_s(23|2|3)_(\w+)\.yml", name)
+        c, tokens = _ablation(name), set(m.group(2).split("_"))
+        assert c["MODEL.RMGL.GRANULARITIES"] == tuple(int(d) for d in m.group(1)), name
+        paths = "rp" if "rponly" in tokens else ("dual" if "rp" in tokens else "original")
+        assert c["MODEL.RMGL.PATHS"] == paths, name
+        if "rponly" not in tokens:  # without the original path ABP has nothing to act on
+            abp = "abp" in tokens
+            assert c["MODEL.RMGL.ABP_TRAIN"] == c["MODEL.RMGL.ABP_TEST"] == abp, name
+        assert ("RMGLRandomShift" in c["INPUT.TRANSFORMS"]) == ("rsa" in tokens), name
+
+
 def test_export_parity_paper_config(tmp_path, capsys):
     from reidzoo import export
 

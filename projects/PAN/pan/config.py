@@ -32,11 +32,24 @@ def add_pan_config(cfg):
             # Last activation of the channel attention c^l: "sigmoid" (SE-Net, spec §4.2
             # decision) or "relu" (the literal §4.1 text).
             "CA_ACT": "sigmoid",
-            # Stages X^l whose outputs PAM attends to with the part features P (§3.1, Fig. 1:
-            # blocks 1-3). Empty: the PLM baseline of Table 2 ("Baseline").
+            # Stages X^l connected to the part features P (§3.1, Fig. 1: blocks 1-3), by the
+            # block CONNECTION names. Empty: the PLM baseline of Table 2 ("Baseline").
             "PAM_STAGES": ["layer1", "layer2", "layer3"],
+            # Connection block of each stage in PAM_STAGES (Table 2, §4.2 "Feature fusion in
+            # PAN"): "pam" = PAM, Eq. 1-3 (PAN_a / PAN_c); "conv" = Conv_a / Conv_c, a cascade
+            # of Conv1x1(stride 2)-BN-ReLU blocks, one per later stage, channels doubled to C
+            # for "add" (256->512->1024->2048 from X^1) or kept for "concat", its map pooled
+            # with the PLM masks s_j (our reading: +7.49 M / +4.53 M vs the paper's +7.4 M /
+            # +4.5 M, README); "identity" = X^l itself pooled with the masks (our reading of
+            # Baseline_w: PAM_STAGES [layer3], concat, +1.57 M vs +1.4 M, README).
+            "CONNECTION": "pam",
+            # Stride of the last conv block of each Conv_a / Conv_c cascade (the one parallel
+            # to layer4). The paper gives stride 2 for all blocks; with layer4 at stride 1 the
+            # cascades end at half X^4's size and are upsampled (nearest) to it before the
+            # mask pooling. 1 lands on X^4's grid directly. Parameters do not depend on it.
+            "CONV_LAST_STRIDE": 2,
             # Inner dimension D of phi and psi per PAM stage (Eq. 2; Table 2: 128, 256, or
-            # (256, 512, 1024); §4.2 chooses 256).
+            # (256, 512, 1024); §4.2 chooses 256). Unused by the conv / identity connections.
             "PAM_DIMS": [256, 256, 256],
             # Fusion of P_i with the PAM outputs Z^l_i (Table 2): "concat" (PAN_c, the SOTA
             # model) or "add" (PAN_a; f maps C_l -> C of P).

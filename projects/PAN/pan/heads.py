@@ -2,6 +2,8 @@
 BNNecks and classifiers (§3, §4.1; spec §4.2-4.6). Everything new lives here, so a model
 that stores it as ``self.heads`` trains it at ``SOLVER.HEADS_LR_FACTOR`` (§4.1: 10x)."""
 
+from fractions import Fraction
+
 import torch
 from fastreid.layers import get_norm
 from torch import nn
@@ -9,7 +11,9 @@ from torch import nn
 from reidzoo.modeling.backbone import STAGES
 from reidzoo.registry import HEADS_REGISTRY
 
-from .modules import PAM, PLM, NonLocal, StripeParts
+from .modules import PAM, PLM, ConvConnection, NonLocal, StripeParts, grid_resampler
+
+CONNECTIONS = ("pam", "conv", "identity")
 
 
 def stage_channels(feat_dim):
@@ -31,6 +35,10 @@ class PANHead(nn.Module):
     a 1x1 embedding to ``EMBED_DIM`` (no bias), a BNNeck (frozen bias) and a bias-free
     classifier. Also holds the optional non-local blocks of Table 2 (run by the ``PAN``
     meta-architecture between backbone stages).
+
+    ``MODEL.PAN.CONNECTION`` chooses how Z^l_i is made from X^l (Table 2): "pam" (Eq. 1-3),
+    "conv" (Conv_a / Conv_c: a :class:`ConvConnection` cascade on X^l, then pooled with the
+    part masks s_j) or "identity" (Baseline_w: X^l itself pooled with the part masks).
 
     Inside fast-reid's ``Baseline`` (which passes only the layer4 map) it works with
     ``MODEL.PAN.PAM_STAGES: []``; Baseline's CE then sees the first part's logits only
@@ -56,6 +64,10 @@ class PANHead(nn.Module):
             raise ValueError(f"MODEL.PAN.PARTS={pc.PARTS!r}; expected 'plm' or 'stripes'")
         if pc.FUSION not in ("concat", "add"):
             raise ValueError(f"MODEL.PAN.FUSION={pc.FUSION!r}; expected 'concat' or 'add'")
+        if pc.CONNECTION not in CONNECTIONS:
+            raise ValueError(
+                f"MODEL.PAN.CONNECTION={pc.CONNECTION!r}; expected one of {CONNECTIONS}"
+            )
         for key, value, allowed in (
             ("TRIPLET_FEAT", pc.TRIPLET_FEAT, ("before", "after")),
             ("TEST_FEAT", pc.TEST_FEAT, ("before", "after")),
@@ -64,7 +76,8 @@ class PANHead(nn.Module):
             if value not in allowed:
                 raise ValueError(f"MODEL.PAN.{key}={value!r}; expected one of {allowed}")
         stages = list(pc.PAM_STAGES)
-        if len(pc.PAM_DIMS) != len(stages) and stages:
+        connection = pc.CONNECTION
+        if connection == "pam" and len(pc.PAM_DIMS) != len(stages) and stages:
             raise ValueError(
                 f"MODEL.PAN.PAM_DIMS={list(pc.PAM_DIMS)} needs one D per PAM stage {stages}"
             )
@@ -72,14 +85,48 @@ class PANHead(nn.Module):
             if s not in STAGES:
                 raise ValueError(f"MODEL.PAN stage {s!r}; expected one of {STAGES}")
         self.fusion = pc.FUSION
-        self.pam_stages = tuple(stages)
+        self.connection = connection
+        # every stage whose output the head needs; pam_stages: the subset attended to by PAM
+        self.connected_stages = tuple(stages)
+        self.pam_stages = self.connected_stages if connection == "pam" else ()
         self.pam = nn.ModuleDict(
             {
                 s: PAM(channels[s], feat_dim, int(d), channels[s] if self.fusion == "concat"
                        else feat_dim)
-                for s, d in zip(stages, pc.PAM_DIMS)
+                for s, d in zip(self.pam_stages, pc.PAM_DIMS)
             }
         )  # fmt: skip
+        self.conv = nn.ModuleDict()
+        # conv / identity: each connected map is brought to X^4's grid by a fixed resampling;
+        # X^l's stride relative to X^4 is the product of the later stages' strides (2, 2, last)
+        last_stride = int(cfg.MODEL.BACKBONE.LAST_STRIDE)
+        to_x4 = {"layer1": 4 * last_stride, "layer2": 2 * last_stride, "layer3": last_stride,
+                 "layer4": 1}  # fmt: skip
+        self.resample = nn.ModuleDict()
+        last = STAGES.index("layer4")
+        for s in stages if connection != "pam" else ():
+            ratio = Fraction(1, to_x4[s])
+            if connection == "conv":
+                blocks = last - STAGES.index(s)
+                if blocks < 1:
+                    raise ValueError(
+                        f"MODEL.PAN.PAM_STAGES contains {s!r}: with CONNECTION 'conv' only "
+                        f"stages before layer4 can be connected (one conv block per later stage)"
+                    )
+                conv_stride = int(pc.CONV_LAST_STRIDE)
+                self.conv[s] = ConvConnection(
+                    channels[s], blocks, widen=self.fusion == "add", stride=2,
+                    last_stride=conv_stride, norm=cfg.MODEL.HEADS.NORM,
+                )  # fmt: skip
+                ratio *= 2 ** (blocks - 1) * conv_stride
+            self.resample[s] = grid_resampler(ratio)
+        if connection == "identity" and self.fusion == "add":
+            wrong = [s for s in stages if channels[s] != feat_dim]
+            if wrong:
+                raise ValueError(
+                    f"MODEL.PAN.CONNECTION 'identity' with FUSION 'add' needs stages as wide as "
+                    f"the parts ({feat_dim}); {wrong} are not: use FUSION 'concat'"
+                )
         self.nl = nn.ModuleDict(
             {
                 s: NonLocal(channels[s], pc.NL_REDUCTION, pc.NL_SUBSAMPLE, cfg.MODEL.BACKBONE.NORM)
@@ -126,20 +173,27 @@ class PANHead(nn.Module):
 
         Args:
             feats (dict[str, Tensor] | Tensor): stage outputs with "layer4" [N, C, h, w] and
-                every PAM stage [N, C_l, H_l, W_l], or the layer4 map alone (no PAM).
+                every connected stage [N, C_l, H_l, W_l], or the layer4 map alone (none).
         Returns:
             tuple: e [N, K, in_dim] (float32), masks (list of [N, l, h*w]).
         """
         if isinstance(feats, torch.Tensor):
-            if self.pam_stages:
+            if self.connected_stages:
                 raise ValueError(
                     "PANHead got only the layer4 map but MODEL.PAN.PAM_STAGES="
-                    f"{list(self.pam_stages)} needs stage outputs: use "
+                    f"{list(self.connected_stages)} needs stage outputs: use "
                     "MODEL.META_ARCHITECTURE PAN, or MODEL.PAN.PAM_STAGES [] in other models"
                 )
             feats = {"layer4": feats}
-        parts, masks = self.parts(feats["layer4"])  # [N, K, C]
-        zs = [self.pam[s](parts, feats[s]) for s in self.pam_stages]
+        x4 = feats["layer4"]
+        parts, masks = self.parts(x4)  # [N, K, C]
+        if self.connection == "pam":
+            zs = [self.pam[s](parts, feats[s]) for s in self.pam_stages]
+        else:  # conv / identity: the (transformed) map pooled with the part masks
+            zs = []
+            for s in self.connected_stages:
+                y = self.conv[s](feats[s]) if s in self.conv else feats[s]
+                zs.append(self.parts.pool_map(self.resample[s](y), masks))
         if self.fusion == "concat":
             e = torch.cat([parts] + zs, dim=2)
         else:

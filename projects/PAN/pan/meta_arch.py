@@ -19,10 +19,10 @@ class PAN(ReidMetaArch):
     """Part-aware attention network, ``MODEL.META_ARCHITECTURE: PAN`` (Xiang et al., ACCV 2020).
 
     The backbone (``MODEL.BACKBONE``; must provide ``stem``/``run_stage`` as reidzoo's
-    ``build_staged_resnet_backbone`` does, when PAM or non-local stages are configured) gives
-    X^1..X^4; the head (``MODEL.HEADS.NAME``, normally ``PANHead``) holds PLM, PAM, the
-    non-local blocks, embeddings, BNNecks and classifiers, so all of them are under
-    ``self.heads``.
+    ``build_staged_resnet_backbone`` does, when connected (PAM, conv, identity) or non-local
+    stages are configured) gives X^1..X^4; the head (``MODEL.HEADS.NAME``, normally
+    ``PANHead``) holds PLM, PAM or the conv connections, the non-local blocks, embeddings,
+    BNNecks and classifiers, so all of them are under ``self.heads``.
 
     Args:
         cfg (CfgNode)
@@ -34,15 +34,16 @@ class PAN(ReidMetaArch):
         self.heads = build_heads(cfg)
         self.orth_weight = float(cfg.MODEL.PAN.ORTH_WEIGHT)
         self.orth_normalize = cfg.MODEL.PAN.ORTH_MASKS == "normalized"
-        pam = tuple(getattr(self.heads, "pam_stages", ()))
+        connected = tuple(getattr(self.heads, "connected_stages", ()))  # PAM / conv / identity
         nl = tuple(getattr(self.heads, "nl", {}).keys())
-        wanted = set(pam) | set(nl)
+        wanted = set(connected) | set(nl)
         self.stages = STAGES[: max((STAGES.index(s) for s in wanted), default=-1) + 1]
         self.staged = bool(wanted)
         if self.staged and not hasattr(self.backbone, "run_stage"):
             raise ValueError(
                 f"MODEL.BACKBONE.NAME={cfg.MODEL.BACKBONE.NAME!r} has no run_stage(); PAM / "
-                "non-local stages need build_staged_resnet_backbone (or a StagedResNet)"
+                "conv / identity connections and non-local stages need "
+                "build_staged_resnet_backbone (or a StagedResNet)"
             )
 
     def extract(self, images):

@@ -124,6 +124,17 @@ class PLM(nn.Module):
                 start += scale
         return torch.cat(parts, 1), masks
 
+    def pool_map(self, y, masks):
+        """Pool another map with this sample's part masks (Table 2 conv / identity connections).
+
+        Args:
+            y (Tensor): [N, C', h, w] on X^4's grid.
+            masks (list[Tensor]): :meth:`forward`'s masks.
+        Returns:
+            Tensor: [N, K, C'] (float32), see :func:`pool_with_masks`.
+        """
+        return pool_with_masks(y, masks)
+
 
 class StripeParts(nn.Module):
     """Horizontal stripe parts (PCB [5]; Table 1 "Horizon strips", 1 stripe = global pooling).
@@ -143,6 +154,17 @@ class StripeParts(nn.Module):
             tuple: parts [N, K, C] (float32) and an empty mask list (no L_orth)."""
         p = F.adaptive_avg_pool2d(_fp32(x), (self.num_parts, 1)).flatten(2)  # [N, C, K]
         return p.transpose(1, 2), []
+
+    def pool_map(self, y, masks):
+        """The same stripes of another map (image rows align whatever its resolution).
+
+        Args:
+            y (Tensor): [N, C', h', w'].
+            masks (list): unused (stripes have no masks).
+        Returns:
+            Tensor: [N, K, C'] (float32).
+        """
+        return self(y)[0]
 
 
 class PAM(nn.Module):
@@ -195,6 +217,92 @@ class PAM(nn.Module):
             q, k, v = self._project(_fp32(parts), _fp32(x))
             kv = torch.bmm(k, v.transpose(1, 2)) / k.shape[-1]  # [N, D, C_out]
             return torch.bmm(q.transpose(1, 2), kv)  # [N, K, C_out]
+
+
+class ConvConnection(nn.Module):
+    """Conv connection block of Table 2 (Conv_a / Conv_c, §4.2 "Feature fusion in PAN").
+
+    A cascade of Conv1x1(stride)-BN-ReLU blocks from X^l towards X^4: one block per backbone
+    stage after stage l (3 blocks for X^1, 2 for X^2, 1 for X^3), each doubling the channels for
+    additive fusion (C_l -> 2 C_l -> ... -> C of X^4, e.g. 256 -> 512 -> 1024 -> 2048) or keeping
+    them for concatenation (C_l -> C_l). The paper gives kernel 1 and stride 2; the stride of the
+    last block (the one parallel to layer4) is configurable because layer4 has stride 1 here.
+
+    Args:
+        in_channels (int): C_l of X^l.
+        num_blocks (int): cascade length (stages between X^l and X^4).
+        widen (bool): double the channels in every block (additive fusion).
+        stride (int): stride of every block but the last (paper: 2).
+        last_stride (int): stride of the last block (paper: 2; 1 lands on X^4's grid when
+            layer4 has stride 1).
+        norm (str): fast-reid norm type.
+    """
+
+    def __init__(self, in_channels, num_blocks, widen, stride=2, last_stride=2, norm="BN"):
+        super().__init__()
+        if num_blocks < 1:
+            raise ValueError(f"ConvConnection needs at least one block, got {num_blocks}")
+        layers, c = [], in_channels
+        for k in range(num_blocks):
+            out = c * 2 if widen else c
+            s = last_stride if k == num_blocks - 1 else stride
+            layers += [nn.Conv2d(c, out, 1, stride=s, bias=False), get_norm(norm, out),
+                       nn.ReLU(inplace=True)]  # fmt: skip
+            c = out
+        self.blocks = nn.Sequential(*layers)
+        self.out_channels = c
+        _init_conv_bn(self)
+
+    def forward(self, x):
+        """Args:
+            x (Tensor): [N, C_l, H_l, W_l].
+        Returns:
+            Tensor: [N, out_channels, H', W'] (H' = H_l / 2^(blocks - 1) / last_stride)."""
+        return self.blocks(x)
+
+
+def pool_with_masks(y, masks):
+    """Part vectors of a map ``y`` pooled with PLM's spatial masks s_j^l (no channel attention):
+    ``Z_j = mean_p(s_j[p] * y[:, p])`` over X^4's grid. Runs in float32 under autocast.
+
+    Args:
+        y (Tensor): [N, C, h, w] on X^4's grid (see :func:`grid_resampler`).
+        masks (list[Tensor]): PLM's masks, one [N, l, h*w] per scale.
+    Returns:
+        Tensor: [N, K, C] (float32).
+    """
+    with torch.autocast(device_type=y.device.type, enabled=False):
+        s = torch.cat([_fp32(m) for m in masks], 1)  # [N, K, h*w]
+        f = _fp32(y).flatten(2)  # [N, C, h*w]
+        if not torch.jit.is_tracing() and f.shape[-1] != s.shape[-1]:
+            raise ValueError(
+                f"PAN: a connected map has {f.shape[-1]} positions but the part masks have "
+                f"{s.shape[-1]} (X^4's grid); check MODEL.BACKBONE.LAST_STRIDE and "
+                "MODEL.PAN.CONV_LAST_STRIDE"
+            )
+        return torch.bmm(s, f.transpose(1, 2)) / f.shape[-1]
+
+
+def grid_resampler(stride_ratio):
+    """The module that brings a map to X^4's grid, from the ratio of its stride to X^4's.
+
+    Static (no shape reads at run time, so it exports with fixed factors): ratio 1 is the
+    identity, an integer ratio > 1 (a coarser map, e.g. a stride-2 conv cascade next to a
+    last-stride-1 layer4) is nearest upsampling, a ratio 1/k (a finer map) is k x k average
+    pooling.
+
+    Args:
+        stride_ratio (Fraction): stride of the map / stride of X^4.
+    Returns:
+        nn.Module
+    """
+    if stride_ratio == 1:
+        return nn.Identity()
+    if stride_ratio > 1 and stride_ratio.denominator == 1:
+        return nn.Upsample(scale_factor=int(stride_ratio), mode="nearest")
+    if stride_ratio < 1 and stride_ratio.numerator == 1:
+        return nn.AvgPool2d(stride_ratio.denominator)
+    raise ValueError(f"PAN: cannot bring a map with stride ratio {stride_ratio} to X^4's grid")
 
 
 def orthogonal_loss(masks, normalize=False):

@@ -40,9 +40,14 @@ def add_pmm_config(cfg):
             "REDUCTION_DIM": 512,
             # Embedding size of BDB's part branch when LAYOUT is "bdb" (BDB: 1024).
             "BDB_PART_DIM": 1024,
-            # BDB batch-drop stripe as fractions of the map's height and width (BDB [1]: 0.3
-            # and 1.0), used when MIX is "bdb".
-            "BDB_HEIGHT_RATIO": 0.3,
+            # BDB [1] batch-drop rectangle as fractions of the map's height and width, used when
+            # MIX is "bdb" (PMM §2.3, Table 1; the PMM paper and spec §6 give no values). From
+            # BDB's official code (daizuozhuo/batch-dropblock-network, main_reid.py at e7653d1:
+            # BFE(num_pids, width_ratio=1.0, height_ratio=0.33) for datatype "person", i.e. the
+            # same for Market-1501, DukeMTMC-reID and CUHK03; 0.5 / 0.5 only for non-person
+            # data); PMM's official main_reid.py keeps the same call. Rows dropped:
+            # round(0.33 * 24) = 8 of 24 at 384x128 (0.3 would give 7).
+            "BDB_HEIGHT_RATIO": 0.33,
             "BDB_WIDTH_RATIO": 1.0,
             # Beta(alpha, alpha) of CutMix's kept-area ratio lambda (CutMix [11]: alpha = 1).
             "CUTMIX_ALPHA": 1.0,

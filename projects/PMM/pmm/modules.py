@@ -205,7 +205,7 @@ class FeatureMix(nn.Module):
     MODES = ("hard_mix", "cutout", "cutmix", "attentive_cutmix", "bdb", "none")
     CHOICES = ("attentive", "random")
 
-    def __init__(self, mode, block_choice, block_size, topk, bdb_ratios=(0.3, 1.0),
+    def __init__(self, mode, block_choice, block_size, topk, bdb_ratios=(0.33, 1.0),
                  cutmix_alpha=1.0):  # fmt: skip
         super().__init__()
         if mode not in self.MODES:

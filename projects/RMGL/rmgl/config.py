@@ -25,8 +25,10 @@ def add_rmgl_config(cfg):
             # "rp" = RP path only, "original" = no RP (the baseline rows).
             "PATHS": "dual",
             # Position of the receptive partition (§IV-D "Impact of Partition Depth", Fig. 9):
-            # the map after which stripes are cut: "input", "layer1" (res_conv2c, paper default),
-            # "layer2", "layer3", "layer4" (= output partition, OP).
+            # the map after which stripes are cut: "input" (input partition), "stem" (the map
+            # fed into res_conv2, Fig. 9 "res2"), "layer1" (after res_conv2c = fed into
+            # res_conv3, paper default), "layer2", "layer3" (fed into res_conv4 / res_conv5),
+            # "layer4" (= output partition, OP); "layer3_0" only with the MGN-style split.
             "RP_POSITION": "layer1",
             # Activation-balanced pooling of the original path's local stripes (§III-C,
             # Eq. 8-10) at training / at test time (spec §2.3 decision: both). Both False =

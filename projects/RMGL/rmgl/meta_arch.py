@@ -29,7 +29,7 @@ from .modules import (
 
 SPLITS = ("layer1", "layer3_0")
 PATHS = ("dual", "rp", "original")
-POSITIONS = ("input", "layer1", "layer2", "layer3_0", "layer3", "layer4")
+POSITIONS = ("input", "stem", "layer1", "layer2", "layer3_0", "layer3", "layer4")
 
 
 class _Stem(nn.Module):
