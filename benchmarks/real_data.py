@@ -1,0 +1,340 @@
+"""Real-data evidence: the baseline and the five papers on VIPeR and PRID 450S, one shared budget.
+
+Usage::
+
+    # train (model, dataset, split) cells one after the other; prints each train_net.py command
+    python benchmarks/real_data.py run --models baseline ianet --datasets viper prid450s \\
+        [--splits 0 1 ...] [--root ../shared/data] [--logs logs/realdata] [--update-md FILE] \\
+        [--dry-run] [--force] [-- KEY VALUE ...]
+    # collect the finished cells into a Markdown table (stdout, or into FILE between markers)
+    python benchmarks/real_data.py collect [--logs logs/realdata] [--update-md FILE]
+
+Every model starts from random initialisation. The shared budget (solver, schedule, epochs,
+batch, P x K sampler, input size, augmentation) is ``configs/RealData/Base-realdata.yml``; each
+model's leaf ``configs/RealData/<model>.yml`` adds only the model (the paper's ``MODEL.*`` node,
+losses, architecture, test metric) and the augmentation the paper itself adds. The dataset and
+split are command-line overrides, so that every cell of a row runs the same file.
+
+A cell's output folder is ``<logs>/<model>/<dataset>/split_<k>``; a multi-stage model (PFE) runs
+its stages in ``.../split_<k>/stage<i>`` and the last stage's results count. Next to the results
+``run_info.json`` records the commands, the wall time and the machine. A cell whose
+``results.json`` exists is skipped unless ``--force``.
+
+``collect`` reports, per (model, dataset), the mean +- sample standard deviation (ddof=1; 0 for a
+single split) of rank-1/5/10 and mAP over the splits present, their number, the mean wall time
+of one run (all stages) and the machine. Nothing here asserts a number.
+"""
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from typing import NamedTuple, Tuple
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_DIR = os.path.join("configs", "RealData")
+METRICS = ("Rank-1", "Rank-5", "Rank-10", "mAP")
+BEGIN_MARK = "<!-- real_data:begin -->"
+END_MARK = "<!-- real_data:end -->"
+
+
+class Stage(NamedTuple):
+    """One training run of a model.
+
+    Attributes:
+        config (str): leaf config, relative to the repository root.
+        weights_from (str | None): name of an earlier stage whose ``model_final.pth`` is
+            loaded as ``MODEL.WEIGHTS``.
+    """
+
+    config: str
+    weights_from: object = None
+
+
+#: model name -> (display name, stages). The last stage's results are the model's.
+MODELS = {
+    "baseline": ("fast-reid BoT baseline", (Stage("baseline.yml"),)),
+    "ianet": ("IANet", (Stage("IANet.yml"),)),
+    "pan": ("PAN", (Stage("PAN.yml"),)),
+    "pfe": ("PFE (stage I + II)", (Stage("PFE_stage1.yml"), Stage("PFE_stage2.yml", "stage1"))),
+    "pmm": ("PMM", (Stage("PMM.yml"),)),
+    "rmgl": ("RMGL", (Stage("RMGL.yml"),)),
+}
+
+#: dataset short name -> fast-reid dataset name.
+DATASETS = {"viper": "VIPeRSingleShot", "prid450s": "PRID450S"}
+
+
+def stage_name(i, n):
+    """Folder name of stage ``i`` (0-based) of ``n``: ``""`` for a single-stage model."""
+    return "" if n == 1 else f"stage{i + 1}"
+
+
+def cell_dir(logs, model, dataset, split):
+    """Output folder of one (model, dataset, split) cell."""
+    return os.path.join(logs, model, dataset, f"split_{split}")
+
+
+def build_commands(model, dataset, split, root, logs, python=sys.executable, extra=()):
+    """The ``train_net.py`` commands of one cell, one per stage.
+
+    Args:
+        model (str): key of :data:`MODELS`.
+        dataset (str): key of :data:`DATASETS`.
+        split (int): split index (0-9).
+        root (str): dataset root (``DATASETS.ROOT``).
+        logs (str): root of the output folders.
+        python (str): interpreter.
+        extra (Sequence[str]): further ``KEY VALUE`` overrides, applied last.
+    Returns:
+        list[tuple[list[str], str]]: ``(argv, output_dir)`` per stage, in order.
+    """
+    if model not in MODELS:
+        raise KeyError(f"unknown model '{model}'; known: {sorted(MODELS)}")
+    if dataset not in DATASETS:
+        raise KeyError(f"unknown dataset '{dataset}'; known: {sorted(DATASETS)}")
+    name = DATASETS[dataset]
+    stages = MODELS[model][1]
+    base = cell_dir(logs, model, dataset, split)
+    out_dirs = {}
+    commands = []
+    for i, stage in enumerate(stages):
+        sname = stage_name(i, len(stages))
+        out = os.path.join(base, sname) if sname else base
+        out_dirs[sname] = out
+        argv = [python, "train_net.py", "--config-file", os.path.join(CONFIG_DIR, stage.config)]
+        argv += [
+            "DATASETS.NAMES", f'("{name}",)',
+            "DATASETS.TESTS", f'("{name}",)',
+            "DATASETS.ROOT", root,
+            "DATASETS.SPLIT_INDEX", str(split),
+            "OUTPUT_DIR", out,
+        ]  # fmt: skip
+        if stage.weights_from:
+            argv += ["MODEL.WEIGHTS", os.path.join(out_dirs[stage.weights_from], "model_final.pth")]
+        argv += list(extra)
+        commands.append((argv, out))
+    return commands
+
+
+def machine_info():
+    """nproc, CPU model, torch version, Python, platform and the load average now."""
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        import torch
+
+        torch_version = torch.__version__
+    except ImportError:  # pragma: no cover - the project always has torch
+        torch_version = "n/a"
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "torch": torch_version,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def run_cell(model, dataset, split, root, logs, extra=(), dry_run=False, force=False):
+    """Train one cell (all its stages) and write ``run_info.json`` into its folder.
+
+    Returns:
+        str: ``"done"``, ``"skipped"`` (results exist), ``"dry-run"`` or ``"failed"``.
+    """
+    commands = build_commands(model, dataset, split, root, logs, extra=extra)
+    final_out = commands[-1][1]
+    for argv, _ in commands:
+        print("$ " + shlex.join(argv), flush=True)
+    if dry_run:
+        return "dry-run"
+    if not force and os.path.isfile(os.path.join(final_out, "results.json")):
+        print(f"skip: {final_out}/results.json exists", flush=True)
+        return "skipped"
+    info = {"model": model, "dataset": dataset, "split": split, "stages": []}
+    info["machine_start"] = machine_info()
+    start = time.time()
+    status = "done"
+    for argv, _ in commands:
+        t0 = time.time()
+        rc = subprocess.call(argv, cwd=REPO)
+        info["stages"].append({"command": shlex.join(argv), "rc": rc, "wall_s": time.time() - t0})
+        if rc != 0:
+            status = "failed"
+            break
+    info["wall_s"] = time.time() - start
+    info["machine_end"] = machine_info()
+    info["status"] = status
+    cell = cell_dir(logs, model, dataset, split)
+    os.makedirs(cell, exist_ok=True)
+    with open(os.path.join(cell, "run_info.json"), "w") as f:
+        json.dump(info, f, indent=2)
+    return status
+
+
+def _metrics(results):
+    """Flat ``{metric: value}`` of a ``results.json`` payload (single test set)."""
+    res = results.get("results", results)
+    if "Rank-1" not in res and len(res) == 1:
+        res = next(iter(res.values()))
+    return {m: float(res[m]) for m in METRICS}
+
+
+def collect(logs):
+    """Results of every finished cell under ``logs``.
+
+    Returns:
+        list[dict]: one row per (model, dataset) with ``model``, ``dataset``, ``splits``
+        (sorted ints), ``n``, ``<metric>_mean`` / ``<metric>_std`` for :data:`METRICS`,
+        ``wall_s`` (mean over the runs that recorded it, else None) and ``machine``
+        (from the first ``run_info.json``, else None). Rows follow :data:`MODELS` and
+        :data:`DATASETS` order.
+    """
+    rows = []
+    for model, (display, stages) in MODELS.items():
+        last = stage_name(len(stages) - 1, len(stages))
+        for dataset in DATASETS:
+            folder = os.path.join(logs, model, dataset)
+            if not os.path.isdir(folder):
+                continue
+            per_split, walls, machine, splits = [], [], None, []
+            for entry in sorted(os.listdir(folder)):
+                if not entry.startswith("split_") or not entry[6:].isdigit():
+                    continue
+                cell = os.path.join(folder, entry)
+                path = os.path.join(cell, last, "results.json")
+                if not os.path.isfile(path):
+                    continue
+                with open(path) as f:
+                    per_split.append(_metrics(json.load(f)))
+                splits.append(int(entry[6:]))
+                info_path = os.path.join(cell, "run_info.json")
+                if os.path.isfile(info_path):
+                    with open(info_path) as f:
+                        info = json.load(f)
+                    if info.get("wall_s") is not None:
+                        walls.append(float(info["wall_s"]))
+                    machine = machine or info.get("machine_start")
+            if not per_split:
+                continue
+            order = sorted(range(len(splits)), key=splits.__getitem__)
+            row = {
+                "model": model,
+                "display": display,
+                "dataset": dataset,
+                "splits": [splits[i] for i in order],
+                "n": len(per_split),
+                "wall_s": statistics.mean(walls) if walls else None,
+                "machine": machine,
+            }
+            for m in METRICS:
+                values = [r[m] for r in per_split]
+                row[f"{m}_mean"] = statistics.mean(values)
+                row[f"{m}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+            rows.append(row)
+    return rows
+
+
+def _machine_text(machine):
+    if not machine:
+        return "n/a"
+    load = "/".join(f"{x:.1f}" for x in machine.get("loadavg", []))
+    return f"{machine['nproc']} x {machine['cpu']}, torch {machine['torch']}, load {load}"
+
+
+def markdown(rows):
+    """Markdown table of :func:`collect` rows (metrics in %, mean +- std over splits)."""
+    head = (
+        "| model | dataset | splits | Rank-1 | Rank-5 | Rank-10 | mAP | wall time / run | "
+        "machine (at start) |"
+    )
+    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cells = [
+            r["display"],
+            DATASETS[r["dataset"]],
+            f"{r['n']} ({','.join(map(str, r['splits']))})",
+        ]
+        cells += [f"{r[m + '_mean']:.1f} +- {r[m + '_std']:.1f}" for m in METRICS]
+        cells.append(f"{r['wall_s'] / 60:.1f} min" if r["wall_s"] is not None else "n/a")
+        cells.append(_machine_text(r["machine"]))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def update_markdown(path, table):
+    """Replace the text between :data:`BEGIN_MARK` and :data:`END_MARK` in ``path`` by
+    ``table`` (appended with the markers when they are missing)."""
+    text = open(path).read() if os.path.isfile(path) else ""
+    block = f"{BEGIN_MARK}\n{table}{END_MARK}"
+    if BEGIN_MARK in text and END_MARK in text:
+        head, rest = text.split(BEGIN_MARK, 1)
+        tail = rest.split(END_MARK, 1)[1]
+        text = head + block + tail
+    else:
+        text = text + ("\n" if text and not text.endswith("\n") else "") + block + "\n"
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def parse_args(argv=None) -> Tuple[argparse.Namespace, list]:
+    """Command line; everything after ``--`` is extra ``KEY VALUE`` overrides."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1 :]
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    run = sub.add_parser("run", help="train cells")
+    run.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    run.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    run.add_argument("--splits", nargs="+", type=int, default=[0])
+    run.add_argument("--root", default=os.path.join("..", "shared", "data"))
+    run.add_argument("--dry-run", action="store_true", help="print the commands only")
+    run.add_argument("--force", action="store_true", help="re-run cells that have results")
+    col = sub.add_parser("collect", help="Markdown table of finished cells")
+    for p in (run, col):
+        p.add_argument("--logs", default=os.path.join("logs", "realdata"))
+        p.add_argument("--update-md", default=None, help="rewrite the table block of this file")
+    return parser.parse_args(argv), extra
+
+
+def main(argv=None):
+    args, extra = parse_args(argv)
+    if args.cmd == "run":
+        for split in args.splits:
+            for dataset in args.datasets:
+                for model in args.models:
+                    status = run_cell(
+                        model, dataset, split, args.root, args.logs, extra, args.dry_run, args.force
+                    )
+                    print(f"cell {model}/{dataset}/split_{split}: {status}", flush=True)
+                    if args.update_md and status == "done":
+                        update_markdown(args.update_md, markdown(collect(args.logs)))
+        return 0
+    table = markdown(collect(args.logs))
+    if args.update_md:
+        update_markdown(args.update_md, table)
+    else:
+        sys.stdout.write(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""benchmarks/real_data.py: the collector's table and the runner's commands (no training)."""
+
+import importlib.util
+import json
+import os
+import statistics
+
+import pytest
+
+from reidzoo.config import setup_cfg
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location(
+        "reidzoo_benchmarks_real_data", os.path.join(REPO, "benchmarks", "real_data.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+rd = _load()
+
+
+def _write_cell(logs, model, dataset, split, metrics, wall_s=None, stage=""):
+    cell = os.path.join(logs, model, dataset, f"split_{split}")
+    out = os.path.join(cell, stage) if stage else cell
+    os.makedirs(out, exist_ok=True)
+    payload = {"weights": "", "datasets": [rd.DATASETS[dataset]], "results": metrics}
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(payload, f)
+    if wall_s is not None:
+        info = {"wall_s": wall_s, "machine_start": {"nproc": 2, "cpu": "Fake CPU", "torch": "9"}}
+        with open(os.path.join(cell, "run_info.json"), "w") as f:
+            json.dump(info, f)
+
+
+def _m(r1, r5, r10, ap):
+    return {"Rank-1": r1, "Rank-5": r5, "Rank-10": r10, "mAP": ap, "mINP": 1.0, "metric": 2.0}
+
+
+def test_collect_mean_std_over_splits(tmp_path):
+    logs = str(tmp_path)
+    _write_cell(logs, "baseline", "viper", 0, _m(10.0, 20.0, 30.0, 15.0), wall_s=60.0)
+    _write_cell(logs, "baseline", "viper", 3, _m(14.0, 26.0, 33.0, 19.0), wall_s=120.0)
+    _write_cell(logs, "baseline", "viper", 1, _m(12.0, 23.0, 36.0, 17.0), wall_s=180.0)
+    # a nested {dataset: {metric: ...}} payload, one split, no run_info
+    _write_cell(logs, "baseline", "prid450s", 2, {"PRID450S": _m(5.0, 9.0, 11.0, 7.0)})
+    # an unfinished cell (no results.json) and a stray folder are ignored
+    os.makedirs(os.path.join(logs, "baseline", "viper", "split_7"))
+    os.makedirs(os.path.join(logs, "baseline", "viper", "notes"))
+    rows = rd.collect(logs)
+    assert [(r["model"], r["dataset"]) for r in rows] == [
+        ("baseline", "viper"),
+        ("baseline", "prid450s"),
+    ]
+    viper, prid = rows
+    assert viper["splits"] == [0, 1, 3] and viper["n"] == 3
+    assert viper["Rank-1_mean"] == pytest.approx(12.0)
+    assert viper["Rank-1_std"] == pytest.approx(statistics.stdev([10.0, 14.0, 12.0]))
+    assert viper["Rank-1_std"] == pytest.approx(2.0)  # sample std (ddof=1)
+    assert viper["mAP_mean"] == pytest.approx(17.0)
+    assert viper["Rank-10_std"] == pytest.approx(3.0)
+    assert viper["wall_s"] == pytest.approx(120.0)
+    assert prid["n"] == 1 and prid["Rank-1_std"] == 0.0 and prid["mAP_mean"] == 7.0
+    assert prid["wall_s"] is None and prid["machine"] is None
+
+    table = rd.markdown(rows)
+    lines = table.strip().splitlines()
+    assert len(lines) == 4
+    assert (
+        "| 3 (0,1,3) | 12.0 +- 2.0 | 23.0 +- 3.0 | 33.0 +- 3.0 | 17.0 +- 2.0 | 2.0 min |"
+        in lines[2]
+    )
+    assert "Fake CPU" in lines[2] and "VIPeRSingleShot" in lines[2]
+    assert "| 1 (2) | 5.0 +- 0.0 |" in lines[3] and lines[3].endswith("| n/a | n/a |")
+
+
+def test_collect_multistage_uses_last_stage(tmp_path):
+    logs = str(tmp_path)
+    _write_cell(logs, "pfe", "viper", 0, _m(1.0, 2.0, 3.0, 4.0), stage="stage1")
+    rows = rd.collect(logs)
+    assert rows == []  # stage II not finished: the cell does not count
+    _write_cell(logs, "pfe", "viper", 0, _m(8.0, 9.0, 10.0, 11.0), stage="stage2")
+    (row,) = rd.collect(logs)
+    assert row["model"] == "pfe" and row["Rank-1_mean"] == 8.0
+
+
+def test_update_markdown_replaces_block(tmp_path):
+    path = str(tmp_path / "REAL.md")
+    with open(path, "w") as f:
+        f.write(f"# title\n\n{rd.BEGIN_MARK}\nold\n{rd.END_MARK}\n\nafter\n")
+    rd.update_markdown(path, "| new |\n")
+    text = open(path).read()
+    assert "old" not in text and "| new |" in text
+    assert text.startswith("# title\n") and text.endswith("after\n")
+    rd.update_markdown(str(tmp_path / "fresh.md"), "| t |\n")
+    assert open(tmp_path / "fresh.md").read() == f"{rd.BEGIN_MARK}\n| t |\n{rd.END_MARK}\n"
+
+
+def test_build_commands_single_and_two_stage():
+    (cmd,) = rd.build_commands("baseline", "prid450s", 4, "/data", "logs/rd", python="py")
+    argv, out = cmd
+    assert out == os.path.join("logs/rd", "baseline", "prid450s", "split_4")
+    assert argv[:4] == ["py", "train_net.py", "--config-file", "configs/RealData/baseline.yml"]
+    opts = dict(zip(argv[4::2], argv[5::2]))
+    assert opts == {
+        "DATASETS.NAMES": '("PRID450S",)',
+        "DATASETS.TESTS": '("PRID450S",)',
+        "DATASETS.ROOT": "/data",
+        "DATASETS.SPLIT_INDEX": "4",
+        "OUTPUT_DIR": out,
+    }
+    (a1, o1), (a2, o2) = rd.build_commands(
+        "pfe", "viper", 0, "/d", "L", python="py", extra=["SOLVER.MAX_EPOCH", "2"]
+    )
+    assert o1 == os.path.join("L", "pfe", "viper", "split_0", "stage1")
+    assert o2 == os.path.join("L", "pfe", "viper", "split_0", "stage2")
+    assert a1[3].endswith("PFE_stage1.yml") and a2[3].endswith("PFE_stage2.yml")
+    assert "MODEL.WEIGHTS" not in a1
+    assert a2[a2.index("MODEL.WEIGHTS") + 1] == os.path.join(o1, "model_final.pth")
+    assert a1[-2:] == a2[-2:] == ["SOLVER.MAX_EPOCH", "2"]
+    with pytest.raises(KeyError, match="unknown model"):
+        rd.build_commands("nope", "viper", 0, "/d", "L")
+    with pytest.raises(KeyError, match="unknown dataset"):
+        rd.build_commands("baseline", "market", 0, "/d", "L")
+
+
+def test_dry_run_prints_commands_and_trains_nothing(tmp_path, capsys):
+    rc = rd.main(
+        ["run", "--models", "baseline", "--datasets", "viper", "--splits", "0", "--dry-run"]
+        + ["--logs", str(tmp_path), "--", "SOLVER.MAX_EPOCH", "1"]
+    )
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "$ " in out and "configs/RealData/baseline.yml" in out
+    assert "SOLVER.MAX_EPOCH 1" in out and "cell baseline/viper/split_0: dry-run" in out
+    assert os.listdir(tmp_path) == []
+
+
+_SHARED = ("SOLVER", "INPUT.SIZE_TRAIN", "INPUT.SIZE_TEST", "INPUT.FLIP", "DATALOADER")
+
+
+@pytest.mark.parametrize("model", sorted(rd.MODELS))
+def test_every_leaf_loads_and_shares_the_budget(model):
+    """Each stage's leaf builds a config, and its solver, input size, flip and sampler are the
+    shared recipe's (PFE stage II: only the learning rate differs, by the paper's factor)."""
+    base = setup_cfg(os.path.join(REPO, rd.CONFIG_DIR, "Base-realdata.yml"), freeze=True)
+    for stage in rd.MODELS[model][1]:
+        cfg = setup_cfg(os.path.join(REPO, rd.CONFIG_DIR, stage.config), freeze=True)
+        assert cfg.MODEL.BACKBONE.PRETRAIN is False
+        assert cfg.MODEL.BACKBONE.DEPTH == base.MODEL.BACKBONE.DEPTH
+        for key in _SHARED:
+            a, b = cfg, base
+            for part in key.split("."):
+                a, b = a[part], b[part]
+            if (
+                key == "SOLVER"
+                and cfg.MODEL.META_ARCHITECTURE == "PFE"
+                and cfg.MODEL.PFE.STAGE == 2
+            ):
+                assert a.BASE_LR == pytest.approx(b.BASE_LR / 10)
+                a, b = dict(a), dict(b)
+                a.pop("BASE_LR"), b.pop("BASE_LR")
+            assert a == b, f"{stage.config}: {key} differs from Base-realdata.yml"
