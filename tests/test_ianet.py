@@ -1,5 +1,6 @@
 """IANet: SIA/CIA/IA blocks against slow references, paper properties and numbers."""
 
+import itertools
 import math
 import os
 
@@ -15,6 +16,13 @@ from reidzoo.projects.ianet import (
     context_offsets,
     location_relation,
 )
+from reidzoo.projects.ianet.fused import (
+    add_transpose_,
+    fused_channel_aggregation,
+    fused_context_logits,
+    fused_prod_relation,
+)
+from reidzoo.projects.ianet.ia import location_logits
 
 from reidzoo import complexity
 from reidzoo.config import get_cfg, setup_cfg
@@ -44,9 +52,11 @@ def test_multi_context_shift_sum_equals_explicit_patches(h, w):
     f = x.reshape(2, 7, h * w)
     dots = torch.bmm(f.transpose(1, 2), f)
     fast = context_logits(dots, h, w, (1, 2, 3))
-    for k, got in zip((1, 2, 3), fast):
+    fused = fused_context_logits(f, h, w, (3, 1, 2))
+    for k, got, got_fused in zip((1, 2, 3), fast, fused[1:] + fused[:1]):
         ref = _slow_context_logits(x, k)
         assert torch.allclose(got, ref, atol=1e-5, rtol=0), (k, (got - ref).abs().max())
+        assert torch.allclose(got_fused, ref, atol=1e-5, rtol=0), (k, (got - ref).abs().max())
 
 
 def test_context_offsets():
@@ -122,6 +132,125 @@ def test_cia_equals_eq7_eq8():
     f = x.reshape(2, 6, 12)
     c = torch.softmax(torch.bmm(f, f.transpose(1, 2)), -1)
     assert torch.allclose(CIA()(x), torch.bmm(c, f).reshape(2, 6, 3, 4), atol=1e-6)
+
+
+# ---- fused Functions (fused.py): hand-written backward passes, checked in float64 ----------
+
+
+@pytest.mark.parametrize("h,w", [(3, 4), (4, 3), (2, 5)])
+@pytest.mark.parametrize("contexts", [(1, 2, 3), (2,), (3, 2, 2), (5, 1)])
+def test_fused_context_logits_gradcheck(h, w, contexts):
+    torch.manual_seed(10)
+    f = torch.randn(2, 3, h * w, dtype=torch.float64, requires_grad=True)
+    ref = context_logits(torch.bmm(f.transpose(1, 2), f) / 1.5, h, w, contexts)
+    for got, want in zip(fused_context_logits(f, h, w, contexts, div=1.5), ref):
+        assert torch.allclose(got, want, atol=1e-12, rtol=0)
+    fn = lambda f: fused_context_logits(f, h, w, contexts, 1.5)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (f,), fast_mode=True)
+
+
+@pytest.mark.parametrize("norm", ["softmax", "renorm"])
+@pytest.mark.parametrize("relation", ["semantic", "appearance"])
+@pytest.mark.parametrize("contexts", [(1, 2, 3), (2,), (1, 1, 3)])
+def test_fused_prod_relation_gradcheck(norm, relation, contexts):
+    torch.manual_seed(11)
+    h, w = 3, 4
+    f = torch.randn(2, 3, h * w, dtype=torch.float64, requires_grad=True)
+    loc = None
+    if relation == "semantic":  # renorm takes the logits -d, softmax S^L itself
+        loc = (location_logits if norm == "renorm" else location_relation)(h, w, 1.0, 2.0)
+        loc = loc.double()
+    for aggregate in (True, False):
+        fn = lambda f: fused_prod_relation(f, h, w, contexts, 1.7, norm, loc, aggregate)  # noqa
+        assert torch.autograd.gradcheck(fn, (f,), fast_mode=True), aggregate
+
+
+def test_fused_channel_aggregation_gradcheck():
+    torch.manual_seed(12)
+    f = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    ref = torch.bmm(torch.softmax(torch.bmm(f, f.transpose(1, 2)), -1), f)
+    assert torch.allclose(fused_channel_aggregation(f), ref, atol=1e-12, rtol=0)
+    assert torch.autograd.gradcheck(fused_channel_aggregation, (f,), fast_mode=True)
+
+
+@pytest.mark.parametrize("s,tile", [(7, 3), (6, 3), (5, 8)])
+def test_add_transpose_in_place_by_tiles(s, tile):
+    g = torch.randn(2, s, s)
+    want = g + g.transpose(1, 2)
+    assert add_transpose_(g, tile) is g and torch.equal(g, want)
+
+
+def _grads_through(module, x, fn):
+    x = x.clone().requires_grad_(True)
+    out = fn(module, x)
+    if not out.requires_grad:  # the location relation does not depend on F
+        return out.detach(), torch.zeros_like(x)
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(13))
+    (grad,) = torch.autograd.grad((out * weight).sum(), x)
+    return out.detach(), grad
+
+
+def _close(got, want, tol=1e-5):
+    """Max abs difference within tol of the reference's largest magnitude."""
+    return (got - want).abs().max() <= tol * want.abs().max()
+
+
+@pytest.mark.parametrize(
+    "fusion,norm,relation",
+    list(itertools.product(("prod", "sum", "max"), ("softmax", "renorm"),
+                           ("semantic", "appearance", "location"))),
+)  # fmt: skip
+def test_fused_sia_equals_composed(fusion, norm, relation):
+    torch.manual_seed(14)
+    # moderate logits: where softmax rows saturate, fp32 rounding of either path dominates the
+    # (then tiny) relation gradients and neither is a reference for the other
+    x = torch.randn(2, 8, 5, 4) * 0.5
+    for contexts in ((1, 2, 3), (2,)):
+        kw = dict(contexts=contexts, fusion=fusion, norm=norm, relation=relation, sigma=(1.0, 2.0))
+        fused, composed = SIA(8, **kw), SIA(8, fused=False, **kw)
+        for fn in (lambda m, x: m.relation_map(x), lambda m, x: m(x)):
+            out_f, grad_f = _grads_through(fused, x, fn)
+            out_c, grad_c = _grads_through(composed, x, fn)
+            assert _close(out_f, out_c) and _close(grad_f, grad_c), (contexts, fn)
+    # the fused path is the one that ran: its Function is in the graph
+    if fusion == "prod" and relation != "location":
+        assert "_ProdRelationBackward" in _graph_names(fused(x.requires_grad_(True)))
+
+
+def _graph_names(t):
+    names, todo = set(), [t.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and type(node).__name__ not in names:
+            names.add(type(node).__name__)
+            todo.extend(n for n, _ in node.next_functions)
+    return names
+
+
+def test_fused_iablock_equals_composed_and_keeps_graph():
+    torch.manual_seed(15)
+    x = torch.randn(2, 16, 4, 3)
+    blocks = [IABlock(16, sigma=(1.0, 2.0), fused=fused) for fused in (True, False)]
+    blocks[1].load_state_dict(blocks[0].state_dict())
+    for b in blocks:
+        for bn in (b.sia.bn, b.cia.bn):
+            torch.nn.init.constant_(bn.weight, 0.5)
+    (out_f, grad_f), (out_c, grad_c) = (_grads_through(b, x, lambda m, x: m(x)) for b in blocks)
+    assert _close(out_f, out_c) and _close(grad_f, grad_c)
+    # the fused Functions keep their saved tensors intact: backward through a retained graph
+    xr = x.clone().requires_grad_(True)
+    loss = blocks[0](xr).square().sum()
+    (g1,) = torch.autograd.grad(loss, xr, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, xr)
+    assert torch.equal(g1, g2)
+
+
+def test_traced_block_takes_composed_path():
+    block = IABlock(8, sigma=(1.0, 2.0)).eval()
+    x = torch.randn(1, 8, 4, 3)
+    traced = torch.jit.trace(block, x)
+    assert "PythonOp" not in str(traced.graph)  # no Function: exportable, countable by fvcore
+    assert torch.equal(traced(x), block(x))
 
 
 @pytest.mark.parametrize(

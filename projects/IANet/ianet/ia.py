@@ -8,6 +8,14 @@ from torch import nn
 
 from reidzoo.registry import STAGE_MODULE_REGISTRY
 
+from .fused import (
+    context_range,
+    fused_channel_aggregation,
+    fused_context_logits,
+    fused_enabled,
+    fused_prod_relation,
+)
+
 FUSIONS = ("prod", "sum", "max")
 NORMS = ("softmax", "renorm")
 RELATIONS = ("semantic", "appearance", "location")
@@ -24,9 +32,7 @@ def context_offsets(k):
     Returns:
         list[tuple[int, int]]
     """
-    if k < 1:
-        raise ValueError(f"context patch size must be >= 1, got {k}")
-    lo, hi = -((k - 1) // 2), k // 2
+    lo, hi = context_range(k)
     return [(dy, dx) for dy in range(lo, hi + 1) for dx in range(lo, hi + 1)]
 
 
@@ -70,14 +76,14 @@ def context_logits(dots, h, w, contexts):
     return [done[frozenset(offsets[k])].reshape(n, m, m) for k in contexts]
 
 
-def location_relation(h, w, sigma_x, sigma_y, device=None):
-    """Row-normalised 2-D Gaussian location relations S^L (Eq. 3-4).
+def location_logits(h, w, sigma_x, sigma_y, device=None):
+    """Logits ``-d_ij`` of the 2-D Gaussian location relations (Eq. 3 exponent).
 
     Args:
         h, w (int): map size; positions are row-major, x along the width, y along the height.
         sigma_x, sigma_y (float): sigma_1 and sigma_2 of Eq. 3.
     Returns:
-        Tensor: [M, M], rows sum to 1.
+        Tensor: [M, M] fp32, ``-(x_j - x_i)^2 / (2 s1^2) - (y_j - y_i)^2 / (2 s2^2)``.
     """
     ys, xs = torch.meshgrid(
         torch.arange(h, dtype=torch.float32, device=device),
@@ -88,7 +94,20 @@ def location_relation(h, w, sigma_x, sigma_y, device=None):
     d = (x[None, :] - x[:, None]) ** 2 / (2 * sigma_x**2) + (y[None, :] - y[:, None]) ** 2 / (
         2 * sigma_y**2
     )
-    return torch.softmax(-d, dim=1)  # the 1 / (2 pi s1 s2) factor cancels in Eq. 4
+    return -d
+
+
+def location_relation(h, w, sigma_x, sigma_y, device=None):
+    """Row-normalised 2-D Gaussian location relations S^L (Eq. 3-4).
+
+    Args:
+        h, w (int): map size; positions are row-major, x along the width, y along the height.
+        sigma_x, sigma_y (float): sigma_1 and sigma_2 of Eq. 3.
+    Returns:
+        Tensor: [M, M], rows sum to 1.
+    """
+    # the 1 / (2 pi s1 s2) factor cancels in Eq. 4
+    return torch.softmax(location_logits(h, w, sigma_x, sigma_y, device), dim=1)
 
 
 def _fuse(maps, fusion):
@@ -98,9 +117,12 @@ def _fuse(maps, fusion):
             out = out * m
         return out
     if fusion == "sum":
-        return torch.stack(maps).sum(0)
-    if fusion == "max":
-        return torch.stack(maps).amax(0)
+        out = maps[0]
+        for m in maps[1:]:
+            out = out + m
+        return out
+    if fusion == "max":  # amax, not chained maximum: ties share the gradient equally
+        return torch.stack(torch.broadcast_tensors(*maps)).amax(0)
     raise ValueError(f"MODEL.IANET.FUSION={fusion!r}; expected one of {FUSIONS}")
 
 
@@ -130,6 +152,11 @@ class SIA(nn.Module):
         scale (bool): divide appearance logits by sqrt(C).
         relation (str): "semantic", "appearance" or "location".
         sigma (tuple[float, float]): (sigma_1 along x, sigma_2 along y) of Eq. 3.
+        fused (bool): compute with the Functions of :mod:`.fused` (own buffers reused in
+            place, hand-written backward): :func:`fused_prod_relation` for product fusion
+            (with "renorm", one softmax of the summed logits), else
+            :func:`fused_context_logits`. Same maths as the composed path, which tracing and
+            ONNX export always take.
     """
 
     def __init__(
@@ -141,6 +168,7 @@ class SIA(nn.Module):
         scale=True,
         relation="semantic",
         sigma=(5.0, 10.0),
+        fused=True,
     ):
         super().__init__()
         if relation not in RELATIONS:
@@ -157,14 +185,19 @@ class SIA(nn.Module):
         self.contexts = tuple(int(k) for k in contexts)
         self.fusion, self.norm, self.scale, self.relation = fusion, norm, scale, relation
         self.sigma = (float(sigma[0]), float(sigma[1]))
+        self.fused = bool(fused)
         self._location_cache = {}
+
+    def _location_pair(self, h, w, device):
+        key = (h, w, str(device))
+        if key not in self._location_cache:
+            logits = location_logits(h, w, *self.sigma, device=device)
+            self._location_cache[key] = (logits, torch.softmax(logits, dim=1))
+        return self._location_cache[key]
 
     def location(self, h, w, device):
         """S^L for an h x w map, built once per size and device: [M, M]."""
-        key = (h, w, str(device))
-        if key not in self._location_cache:
-            self._location_cache[key] = location_relation(h, w, *self.sigma, device=device)
-        return self._location_cache[key]
+        return self._location_pair(h, w, device)[1]
 
     def relation_map(self, x):
         """The relation map SIA aggregates with, in fp32.
@@ -178,15 +211,31 @@ class SIA(nn.Module):
         f = x.float().reshape(n, c, h * w)
         if self.relation == "location":
             return self.location(h, w, x.device).expand(n, -1, -1)
-        dots = torch.bmm(f.transpose(1, 2), f)
-        if self.scale:
-            dots = dots / math.sqrt(c)
-        per_k = [torch.softmax(z, dim=-1) for z in context_logits(dots, h, w, self.contexts)]
+        if self._fused_prod():
+            return self._fused_prod_relation(f, h, w, aggregate=False)
+        div = math.sqrt(c) if self.scale else None
+        if fused_enabled(self.fused):
+            logits = fused_context_logits(f, h, w, self.contexts, div)
+        else:
+            dots = torch.bmm(f.transpose(1, 2), f)
+            logits = context_logits(dots if div is None else dots / div, h, w, self.contexts)
+        per_k = [torch.softmax(z, dim=-1) for z in logits]
         # One context: S^A = S_K^A (Tab. 4a); several: Eq. 2.
         s_a = per_k[0] if len(per_k) == 1 else _normalise(_fuse(per_k, self.fusion), self.norm)
         if self.relation == "appearance":
             return s_a
         return _normalise(_fuse([s_a, self.location(h, w, x.device)], self.fusion), self.norm)
+
+    def _fused_prod(self):
+        return self.fusion == "prod" and self.relation != "location" and fused_enabled(self.fused)
+
+    def _fused_prod_relation(self, f, h, w, aggregate):
+        loc = None
+        if self.relation == "semantic":
+            # renorm: S = softmax(sum_K logit_K - d), see fused_prod_relation
+            loc = self._location_pair(h, w, f.device)[0 if self.norm == "renorm" else 1]
+        div = math.sqrt(f.shape[1]) if self.scale else None
+        return fused_prod_relation(f, h, w, self.contexts, div, self.norm, loc, aggregate)
 
     def forward(self, x):
         """Args:
@@ -195,13 +244,25 @@ class SIA(nn.Module):
             Tensor: E^S, [N, C, H, W] in x's dtype."""
         n, c, h, w = x.shape
         with torch.autocast(device_type=x.device.type, enabled=False):
-            s = self.relation_map(x)
-            e = torch.bmm(x.float().reshape(n, c, h * w), s.transpose(1, 2))
+            f = x.float().reshape(n, c, h * w)
+            if self._fused_prod():
+                e, _ = self._fused_prod_relation(f, h, w, aggregate=True)
+            else:
+                e = torch.bmm(f, self.relation_map(x).transpose(1, 2))
         return e.reshape(n, c, h, w).to(x.dtype)
 
 
 class CIA(nn.Module):
-    """Channel interaction-and-aggregation module: E^C = softmax(F F^T) F (Eq. 7-8)."""
+    """Channel interaction-and-aggregation module: E^C = softmax(F F^T) F (Eq. 7-8).
+
+    Args:
+        fused (bool): use :func:`fused_channel_aggregation` (in-place softmax, hand-written
+            backward); same maths as the composed path, which tracing and ONNX export take.
+    """
+
+    def __init__(self, fused=True):
+        super().__init__()
+        self.fused = bool(fused)
 
     def relation_map(self, x):
         """Args:
@@ -213,9 +274,17 @@ class CIA(nn.Module):
         return torch.softmax(torch.bmm(f, f.transpose(1, 2)), dim=-1)  # unscaled, as Eq. 7
 
     def forward(self, x):
+        """Args:
+            x (Tensor): F, [N, C, H, W].
+        Returns:
+            Tensor: E^C, [N, C, H, W] in x's dtype."""
         n, c, h, w = x.shape
         with torch.autocast(device_type=x.device.type, enabled=False):
-            e = torch.bmm(self.relation_map(x), x.float().reshape(n, c, h * w))
+            f = x.float().reshape(n, c, h * w)
+            if fused_enabled(self.fused):
+                e = fused_channel_aggregation(f)
+            else:
+                e = torch.bmm(self.relation_map(x), f)
         return e.reshape(n, c, h, w).to(x.dtype)
 
 
@@ -243,10 +312,11 @@ class IABlock(nn.Module):
         channels (int): C.
         arrangement (str): "spatial_channel" (default), "channel_spatial", "parallel"
             (Y = F + BN_S(E^S) + BN_C(E^C)), "spatial" or "channel" (one block only).
-        **sia_kwargs: arguments of :class:`SIA`.
+        fused (bool): the ``fused`` switch of both :class:`SIA` and :class:`CIA`.
+        **sia_kwargs: other arguments of :class:`SIA`.
     """
 
-    def __init__(self, channels, arrangement="spatial_channel", **sia_kwargs):
+    def __init__(self, channels, arrangement="spatial_channel", fused=True, **sia_kwargs):
         super().__init__()
         if arrangement not in ARRANGEMENTS:
             raise ValueError(
@@ -254,10 +324,10 @@ class IABlock(nn.Module):
             )
         self.arrangement = arrangement
         if arrangement != "channel":
-            self.sia = ResidualIA(SIA(channels, **sia_kwargs), channels)
+            self.sia = ResidualIA(SIA(channels, fused=fused, **sia_kwargs), channels)
         else:
             self.sia = None
-        self.cia = ResidualIA(CIA(), channels) if arrangement != "spatial" else None
+        self.cia = ResidualIA(CIA(fused=fused), channels) if arrangement != "spatial" else None
 
     def forward(self, x):
         """Args:
