@@ -7,7 +7,7 @@ Usage::
         [--splits 0 1 ...] [--root ../shared/data] [--logs logs/realdata] [--update-md FILE] \\
         [--dry-run] [--force] [-- KEY VALUE ...]
     # collect the finished cells into a Markdown table (stdout, or into FILE between markers)
-    python benchmarks/real_data.py collect [--logs logs/realdata] [--update-md FILE]
+    python benchmarks/real_data.py collect [--records benchmarks/real_data] [--update-md FILE]
 
 Every model starts from random initialisation. The shared budget (solver, schedule, epochs,
 batch, P x K sampler, input size, augmentation) is ``configs/RealData/Base-realdata.yml``; each
@@ -17,12 +17,17 @@ split are command-line overrides, so that every cell of a row runs the same file
 
 A cell's output folder is ``<logs>/<model>/<dataset>/split_<k>``; a multi-stage model (PFE) runs
 its stages in ``.../split_<k>/stage<i>`` and the last stage's results count. Next to the results
-``run_info.json`` records the commands, the wall time and the machine. A cell whose
-``results.json`` exists is skipped unless ``--force``.
+``run_info.json`` records the commands, the wall time and the machine. Training outputs
+(checkpoints, logs) stay under ``logs/``, which git ignores; what a finished cell proves goes into
+a small tracked *record*, ``<records>/<model>/<dataset>/split_<k>.json`` (default records folder
+``benchmarks/real_data``): the final metrics, every evaluation during training, the commands,
+wall times, the machine and the git revision. A cell with a record is skipped unless
+``--force``, so a run can be resumed on a fresh checkout and the table survives the logs.
 
-``collect`` reports, per (model, dataset), the mean +- sample standard deviation (ddof=1; 0 for a
-single split) of rank-1/5/10 and mAP over the splits present, their number, the mean wall time
-of one run (all stages) and the machine. Nothing here asserts a number.
+``collect`` reads the records and reports, per (model, dataset), the mean +- sample standard
+deviation (ddof=1; 0 for a single split) of rank-1/5/10 and mAP over the splits present, their
+number, the mean wall time of one run (all stages), the machine and the git revisions; then one
+line per run with every evaluation during its training. Nothing here asserts a number.
 """
 
 import argparse
@@ -34,10 +39,12 @@ import statistics
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from typing import NamedTuple, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join("configs", "RealData")
+RECORDS = os.path.join("benchmarks", "real_data")
 METRICS = ("Rank-1", "Rank-5", "Rank-10", "mAP")
 BEGIN_MARK = "<!-- real_data:begin -->"
 END_MARK = "<!-- real_data:end -->"
@@ -149,11 +156,74 @@ def machine_info():
     }
 
 
-def run_cell(model, dataset, split, root, logs, extra=(), dry_run=False, force=False):
-    """Train one cell (all its stages) and write ``run_info.json`` into its folder.
+def record_path(records, model, dataset, split):
+    """Tracked record of one finished cell."""
+    return os.path.join(records, model, dataset, f"split_{split}.json")
+
+
+def git_revision():
+    """``{"rev": HEAD, "dirty": bool}`` of the repository, or None outside a git checkout."""
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return {"rev": rev, "dirty": bool(status.strip())}
+
+
+def evaluations(output_dir):
+    """Every evaluation a run logged: ``[{"iteration": i, metric: value, ...}]``.
+
+    Read from fast-reid's ``metrics.json`` (one JSON object per line, written by its
+    ``JSONWriter``; evaluation scalars are named ``<metric>`` or ``<dataset>/<metric>``).
+    Missing file or unparsable lines: what could be read.
+    """
+    path = os.path.join(output_dir, "metrics.json")
+    found = []
+    if not os.path.isfile(path):
+        return found
+    with open(path) as f:
+        for line in f:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            values = {}
+            for key, value in entry.items():
+                name = key.rsplit("/", 1)[-1]
+                if name in METRICS:
+                    values[name] = float(value)
+            if len(values) == len(METRICS):
+                found.append({"iteration": int(entry.get("iteration", -1)), **values})
+    return found
+
+
+def _write_json(path, payload):
+    """Write ``payload`` to ``path`` atomically (a temporary file, then a rename)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def run_cell(
+    model, dataset, split, root, logs, extra=(), dry_run=False, force=False, records=RECORDS
+):
+    """Train one cell (all its stages), write ``run_info.json`` into its folder and, when every
+    stage succeeded, the cell's record (:func:`record_path`).
 
     Returns:
-        str: ``"done"``, ``"skipped"`` (results exist), ``"dry-run"`` or ``"failed"``.
+        str: ``"done"``, ``"skipped"`` (a record exists), ``"dry-run"`` or ``"failed"``.
     """
     commands = build_commands(model, dataset, split, root, logs, extra=extra)
     final_out = commands[-1][1]
@@ -161,27 +231,43 @@ def run_cell(model, dataset, split, root, logs, extra=(), dry_run=False, force=F
         print("$ " + shlex.join(argv), flush=True)
     if dry_run:
         return "dry-run"
-    if not force and os.path.isfile(os.path.join(final_out, "results.json")):
-        print(f"skip: {final_out}/results.json exists", flush=True)
+    record = record_path(records, model, dataset, split)
+    if not force and os.path.isfile(record):
+        print(f"skip: {record} exists", flush=True)
         return "skipped"
     info = {"model": model, "dataset": dataset, "split": split, "stages": []}
+    info["git"] = git_revision()
+    info["started_utc"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M")
     info["machine_start"] = machine_info()
     start = time.time()
     status = "done"
-    for argv, _ in commands:
+    for argv, out in commands:
         t0 = time.time()
         rc = subprocess.call(argv, cwd=REPO)
-        info["stages"].append({"command": shlex.join(argv), "rc": rc, "wall_s": time.time() - t0})
+        info["stages"].append(
+            {
+                "command": shlex.join(argv),
+                "rc": rc,
+                "wall_s": time.time() - t0,
+                "evaluations": evaluations(os.path.join(REPO, out)),
+            }
+        )
         if rc != 0:
             status = "failed"
             break
     info["wall_s"] = time.time() - start
     info["machine_end"] = machine_info()
     info["status"] = status
-    cell = cell_dir(logs, model, dataset, split)
-    os.makedirs(cell, exist_ok=True)
-    with open(os.path.join(cell, "run_info.json"), "w") as f:
-        json.dump(info, f, indent=2)
+    # output folders are relative to the repository root, where train_net.py runs
+    _write_json(os.path.join(REPO, cell_dir(logs, model, dataset, split), "run_info.json"), info)
+    results = os.path.join(REPO, final_out, "results.json")
+    if status == "done":
+        if not os.path.isfile(results):
+            print(f"failed: {results} was not written", flush=True)
+            return "failed"
+        with open(results) as f:
+            info["metrics"] = _metrics(json.load(f))
+        _write_json(record, info)
     return status
 
 
@@ -193,59 +279,119 @@ def _metrics(results):
     return {m: float(res[m]) for m in METRICS}
 
 
-def collect(logs):
-    """Results of every finished cell under ``logs``.
+def load_records(records):
+    """Every finished cell's record under ``records``.
 
     Returns:
-        list[dict]: one row per (model, dataset) with ``model``, ``dataset``, ``splits``
-        (sorted ints), ``n``, ``<metric>_mean`` / ``<metric>_std`` for :data:`METRICS`,
-        ``wall_s`` (mean over the runs that recorded it, else None) and ``machine``
-        (from the first ``run_info.json``, else None). Rows follow :data:`MODELS` and
-        :data:`DATASETS` order.
+        list[dict]: the records, each with ``split`` as an int and ``metrics`` as floats, in
+        :data:`MODELS`, :data:`DATASETS` and split order.
+    Raises:
+        ValueError: a record is not valid JSON or lacks its metrics (names the file).
     """
-    rows = []
-    for model, (display, stages) in MODELS.items():
-        last = stage_name(len(stages) - 1, len(stages))
+    found = []
+    for model in MODELS:
         for dataset in DATASETS:
-            folder = os.path.join(logs, model, dataset)
+            folder = os.path.join(records, model, dataset)
             if not os.path.isdir(folder):
                 continue
-            per_split, walls, machine, splits = [], [], None, []
-            for entry in sorted(os.listdir(folder)):
-                if not entry.startswith("split_") or not entry[6:].isdigit():
+            cells = []
+            for entry in os.listdir(folder):
+                stem, ext = os.path.splitext(entry)
+                if ext != ".json" or not stem.startswith("split_") or not stem[6:].isdigit():
                     continue
-                cell = os.path.join(folder, entry)
-                path = os.path.join(cell, last, "results.json")
-                if not os.path.isfile(path):
-                    continue
-                with open(path) as f:
-                    per_split.append(_metrics(json.load(f)))
-                splits.append(int(entry[6:]))
-                info_path = os.path.join(cell, "run_info.json")
-                if os.path.isfile(info_path):
-                    with open(info_path) as f:
-                        info = json.load(f)
-                    if info.get("wall_s") is not None:
-                        walls.append(float(info["wall_s"]))
-                    machine = machine or info.get("machine_start")
-            if not per_split:
-                continue
-            order = sorted(range(len(splits)), key=splits.__getitem__)
-            row = {
-                "model": model,
-                "display": display,
-                "dataset": dataset,
-                "splits": [splits[i] for i in order],
-                "n": len(per_split),
-                "wall_s": statistics.mean(walls) if walls else None,
-                "machine": machine,
-            }
-            for m in METRICS:
-                values = [r[m] for r in per_split]
-                row[f"{m}_mean"] = statistics.mean(values)
-                row[f"{m}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-            rows.append(row)
+                path = os.path.join(folder, entry)
+                try:
+                    with open(path) as f:
+                        rec = json.load(f)
+                    rec["metrics"] = {m: float(rec["metrics"][m]) for m in METRICS}
+                except (ValueError, KeyError, TypeError) as e:
+                    raise ValueError(
+                        f"{path}: not a real-data record (expected JSON with 'metrics' "
+                        f"{list(METRICS)}): {e!r}"
+                    ) from e
+                rec.update(model=model, dataset=dataset, split=int(stem[6:]))
+                cells.append(rec)
+            found += sorted(cells, key=lambda c: c["split"])
+    return found
+
+
+def _revision(rec):
+    git = rec.get("git") or {}
+    rev = git.get("rev", "n/a")[:7]
+    return rev + ("+dirty" if git.get("dirty") else "")
+
+
+def collect(records):
+    """The records under ``records`` aggregated per (model, dataset) over the splits.
+
+    Returns:
+        list[dict]: one row per (model, dataset) with ``model``, ``display``, ``dataset``,
+        ``splits`` (sorted ints), ``n``, ``<metric>_mean`` / ``<metric>_std`` (sample std,
+        0 for one split) for :data:`METRICS`, ``wall_s`` (mean over the records that have it,
+        else None), ``machine`` (``machine_start`` of the first split) and ``revisions`` (the
+        git revisions the runs were made at). Rows follow :data:`MODELS` and :data:`DATASETS`.
+    """
+    groups = {}
+    for rec in load_records(records):
+        groups.setdefault((rec["model"], rec["dataset"]), []).append(rec)
+    rows = []
+    for (model, dataset), cells in groups.items():
+        walls = [float(c["wall_s"]) for c in cells if c.get("wall_s") is not None]
+        row = {
+            "model": model,
+            "display": MODELS[model][0],
+            "dataset": dataset,
+            "splits": [c["split"] for c in cells],
+            "n": len(cells),
+            "wall_s": statistics.mean(walls) if walls else None,
+            "machine": cells[0].get("machine_start"),
+            "revisions": sorted({_revision(c) for c in cells}),
+        }
+        for m in METRICS:
+            values = [c["metrics"][m] for c in cells]
+            row[f"{m}_mean"] = statistics.mean(values)
+            row[f"{m}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        rows.append(row)
     return rows
+
+
+def markdown_runs(recs):
+    """Markdown table with one line per run: rank-1 / mAP at every evaluation during training
+    (from the record's stages; a two-stage model lists both stages), wall time, start time and
+    load, git revision."""
+    lines = [
+        "| model | dataset | split | rank-1 / mAP at each evaluation (iteration) | wall | "
+        "started (UTC), load | git |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for rec in recs:
+        evals = []
+        stages = rec.get("stages") or []
+        for i, stage in enumerate(stages):
+            tag = f"stage {i + 1}: " if len(stages) > 1 else ""
+            points = [
+                f"{e['Rank-1']:.1f} / {e['mAP']:.1f} ({e['iteration']})"
+                for e in stage.get("evaluations") or []
+            ]
+            evals.append(tag + ", ".join(points or ["n/a"]))
+        load = (rec.get("machine_start") or {}).get("loadavg") or []
+        wall = rec.get("wall_s")
+        cells = [
+            MODELS[rec["model"]][0],
+            DATASETS[rec["dataset"]],
+            str(rec["split"]),
+            "; ".join(evals) or "n/a",
+            f"{wall / 60:.1f} min" if wall is not None else "n/a",
+            f"{rec.get('started_utc', 'n/a')}, {'/'.join(f'{x:.1f}' for x in load) or 'n/a'}",
+            _revision(rec),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def report(records):
+    """The Markdown block of :func:`main`: the aggregated table, then one line per run."""
+    return markdown(collect(records)) + "\n" + markdown_runs(load_records(records))
 
 
 def _machine_text(machine):
@@ -259,9 +405,9 @@ def markdown(rows):
     """Markdown table of :func:`collect` rows (metrics in %, mean +- std over splits)."""
     head = (
         "| model | dataset | splits | Rank-1 | Rank-5 | Rank-10 | mAP | wall time / run | "
-        "machine (at start) |"
+        "machine (at start) | git |"
     )
-    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cells = [
             r["display"],
@@ -271,6 +417,7 @@ def markdown(rows):
         cells += [f"{r[m + '_mean']:.1f} +- {r[m + '_std']:.1f}" for m in METRICS]
         cells.append(f"{r['wall_s'] / 60:.1f} min" if r["wall_s"] is not None else "n/a")
         cells.append(_machine_text(r["machine"]))
+        cells.append(", ".join(r.get("revisions") or ["n/a"]))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -308,9 +455,14 @@ def parse_args(argv=None) -> Tuple[argparse.Namespace, list]:
     run.add_argument("--root", default=os.path.join("..", "shared", "data"))
     run.add_argument("--dry-run", action="store_true", help="print the commands only")
     run.add_argument("--force", action="store_true", help="re-run cells that have results")
+    run.add_argument("--logs", default=os.path.join("logs", "realdata"), help="training outputs")
     col = sub.add_parser("collect", help="Markdown table of finished cells")
     for p in (run, col):
-        p.add_argument("--logs", default=os.path.join("logs", "realdata"))
+        p.add_argument(
+            "--records",
+            default=os.path.join(REPO, RECORDS),
+            help="folder of the finished cells' records (tracked by git)",
+        )
         p.add_argument("--update-md", default=None, help="rewrite the table block of this file")
     return parser.parse_args(argv), extra
 
@@ -322,13 +474,21 @@ def main(argv=None):
             for dataset in args.datasets:
                 for model in args.models:
                     status = run_cell(
-                        model, dataset, split, args.root, args.logs, extra, args.dry_run, args.force
+                        model,
+                        dataset,
+                        split,
+                        args.root,
+                        args.logs,
+                        extra,
+                        args.dry_run,
+                        args.force,
+                        args.records,
                     )
                     print(f"cell {model}/{dataset}/split_{split}: {status}", flush=True)
                     if args.update_md and status == "done":
-                        update_markdown(args.update_md, markdown(collect(args.logs)))
+                        update_markdown(args.update_md, report(args.records))
         return 0
-    table = markdown(collect(args.logs))
+    table = report(args.records)
     if args.update_md:
         update_markdown(args.update_md, table)
     else:

@@ -24,17 +24,19 @@ def _load():
 rd = _load()
 
 
-def _write_cell(logs, model, dataset, split, metrics, wall_s=None, stage=""):
-    cell = os.path.join(logs, model, dataset, f"split_{split}")
-    out = os.path.join(cell, stage) if stage else cell
-    os.makedirs(out, exist_ok=True)
-    payload = {"weights": "", "datasets": [rd.DATASETS[dataset]], "results": metrics}
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(payload, f)
+def _write_record(records, model, dataset, split, metrics, wall_s=None, stages=None):
+    path = rd.record_path(records, model, dataset, split)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    rec = {"model": model, "dataset": dataset, "split": split, "metrics": metrics}
     if wall_s is not None:
-        info = {"wall_s": wall_s, "machine_start": {"nproc": 2, "cpu": "Fake CPU", "torch": "9"}}
-        with open(os.path.join(cell, "run_info.json"), "w") as f:
-            json.dump(info, f)
+        rec["wall_s"] = wall_s
+        rec["machine_start"] = {"nproc": 2, "cpu": "Fake CPU", "torch": "9", "loadavg": [1, 2, 3]}
+        rec["git"] = {"rev": "abcdef0123456789", "dirty": split == 3}
+        rec["started_utc"] = "2026-11-30 10:00"
+    if stages is not None:
+        rec["stages"] = stages
+    with open(path, "w") as f:
+        json.dump(rec, f)
 
 
 def _m(r1, r5, r10, ap):
@@ -42,16 +44,15 @@ def _m(r1, r5, r10, ap):
 
 
 def test_collect_mean_std_over_splits(tmp_path):
-    logs = str(tmp_path)
-    _write_cell(logs, "baseline", "viper", 0, _m(10.0, 20.0, 30.0, 15.0), wall_s=60.0)
-    _write_cell(logs, "baseline", "viper", 3, _m(14.0, 26.0, 33.0, 19.0), wall_s=120.0)
-    _write_cell(logs, "baseline", "viper", 1, _m(12.0, 23.0, 36.0, 17.0), wall_s=180.0)
-    # a nested {dataset: {metric: ...}} payload, one split, no run_info
-    _write_cell(logs, "baseline", "prid450s", 2, {"PRID450S": _m(5.0, 9.0, 11.0, 7.0)})
-    # an unfinished cell (no results.json) and a stray folder are ignored
-    os.makedirs(os.path.join(logs, "baseline", "viper", "split_7"))
-    os.makedirs(os.path.join(logs, "baseline", "viper", "notes"))
-    rows = rd.collect(logs)
+    records = str(tmp_path)
+    _write_record(records, "baseline", "viper", 0, _m(10.0, 20.0, 30.0, 15.0), wall_s=60.0)
+    _write_record(records, "baseline", "viper", 3, _m(14.0, 26.0, 33.0, 19.0), wall_s=120.0)
+    _write_record(records, "baseline", "viper", 1, _m(12.0, 23.0, 36.0, 17.0), wall_s=180.0)
+    _write_record(records, "baseline", "prid450s", 2, _m(5.0, 9.0, 11.0, 7.0))
+    # stray files next to the records are ignored
+    open(os.path.join(records, "baseline", "viper", "notes.txt"), "w").close()
+    open(os.path.join(records, "baseline", "viper", "split_x.json"), "w").close()
+    rows = rd.collect(records)
     assert [(r["model"], r["dataset"]) for r in rows] == [
         ("baseline", "viper"),
         ("baseline", "prid450s"),
@@ -64,6 +65,7 @@ def test_collect_mean_std_over_splits(tmp_path):
     assert viper["mAP_mean"] == pytest.approx(17.0)
     assert viper["Rank-10_std"] == pytest.approx(3.0)
     assert viper["wall_s"] == pytest.approx(120.0)
+    assert viper["revisions"] == ["abcdef0", "abcdef0+dirty"]
     assert prid["n"] == 1 and prid["Rank-1_std"] == 0.0 and prid["mAP_mean"] == 7.0
     assert prid["wall_s"] is None and prid["machine"] is None
 
@@ -75,17 +77,78 @@ def test_collect_mean_std_over_splits(tmp_path):
         in lines[2]
     )
     assert "Fake CPU" in lines[2] and "VIPeRSingleShot" in lines[2]
-    assert "| 1 (2) | 5.0 +- 0.0 |" in lines[3] and lines[3].endswith("| n/a | n/a |")
+    assert lines[2].endswith("| abcdef0, abcdef0+dirty |")
+    assert "| 1 (2) | 5.0 +- 0.0 |" in lines[3] and lines[3].endswith("| n/a | n/a | n/a |")
 
 
-def test_collect_multistage_uses_last_stage(tmp_path):
-    logs = str(tmp_path)
-    _write_cell(logs, "pfe", "viper", 0, _m(1.0, 2.0, 3.0, 4.0), stage="stage1")
-    rows = rd.collect(logs)
-    assert rows == []  # stage II not finished: the cell does not count
-    _write_cell(logs, "pfe", "viper", 0, _m(8.0, 9.0, 10.0, 11.0), stage="stage2")
-    (row,) = rd.collect(logs)
-    assert row["model"] == "pfe" and row["Rank-1_mean"] == 8.0
+def test_broken_record_names_the_file(tmp_path):
+    _write_record(str(tmp_path), "pan", "viper", 0, {"Rank-1": 1.0})  # no mAP
+    with pytest.raises(ValueError, match=r"pan/viper/split_0.json.*'mAP'"):
+        rd.collect(str(tmp_path))
+
+
+def test_runs_table_lists_every_evaluation(tmp_path):
+    ev = [
+        {"iteration": 170, "Rank-1": 13.25, "Rank-5": 0, "Rank-10": 0, "mAP": 24.9},
+        {"iteration": 341, "Rank-1": 19.0, "Rank-5": 0, "Rank-10": 0, "mAP": 31.4},
+    ]
+    stages = [{"evaluations": ev[:1]}, {"evaluations": ev}]
+    _write_record(str(tmp_path), "pfe", "viper", 0, _m(19.0, 1, 2, 31.4), 600.0, stages)
+    (line,) = rd.markdown_runs(rd.load_records(str(tmp_path))).strip().splitlines()[2:]
+    assert "| stage 1: 13.2 / 24.9 (170); stage 2: 13.2 / 24.9 (170), 19.0 / 31.4 (341) |" in line
+    assert "| 10.0 min | 2026-11-30 10:00, 1.0/2.0/3.0 | abcdef0 |" in line
+    block = rd.report(str(tmp_path))
+    assert block.count("| PFE (stage I + II) | VIPeRSingleShot |") == 2
+
+
+def test_evaluations_read_from_fastreid_metrics_json(tmp_path):
+    lines = [
+        {"iteration": 9, "loss_cls": 5.0},
+        {"iteration": 18, "VIPeRSingleShot/Rank-1": 4.0, "VIPeRSingleShot/Rank-5": 9.0}
+        | {"VIPeRSingleShot/Rank-10": 12.0, "VIPeRSingleShot/mAP": 6.0, "lr": 0.1},
+        {"iteration": 27, "Rank-1": 5.0, "Rank-5": 10.0, "Rank-10": 13.0, "mAP": 7.0},
+    ]
+    with open(tmp_path / "metrics.json", "w") as f:
+        f.write("\n".join(json.dumps(x) for x in lines) + "\n{broken\n")
+    got = rd.evaluations(str(tmp_path))
+    assert got == [
+        {"iteration": 18, "Rank-1": 4.0, "Rank-5": 9.0, "Rank-10": 12.0, "mAP": 6.0},
+        {"iteration": 27, "Rank-1": 5.0, "Rank-5": 10.0, "Rank-10": 13.0, "mAP": 7.0},
+    ]
+    assert rd.evaluations(str(tmp_path / "missing")) == []
+
+
+def test_run_cell_writes_record_and_skips_it_next_time(tmp_path, monkeypatch):
+    """A finished cell leaves run_info.json in its logs and a record in the records folder;
+    the next run skips it; a failing stage writes no record."""
+    logs, records = str(tmp_path / "logs"), str(tmp_path / "records")
+    calls = []
+
+    def fake_call(argv, cwd):
+        calls.append(argv)
+        out = argv[argv.index("OUTPUT_DIR") + 1]
+        os.makedirs(out, exist_ok=True)
+        if "PRID450S" in argv[argv.index("DATASETS.NAMES") + 1]:
+            return 3
+        with open(os.path.join(out, "results.json"), "w") as f:
+            json.dump({"results": {"VIPeRSingleShot": _m(1.0, 2.0, 3.0, 4.0)}}, f)
+        return 0
+
+    monkeypatch.setattr(rd.subprocess, "call", fake_call)
+    assert rd.run_cell("pfe", "viper", 0, "/d", logs, records=records) == "done"
+    assert len(calls) == 2  # both PFE stages
+    with open(rd.record_path(records, "pfe", "viper", 0)) as f:
+        rec = json.load(f)
+    assert rec["metrics"] == {"Rank-1": 1.0, "Rank-5": 2.0, "Rank-10": 3.0, "mAP": 4.0}
+    assert [s["rc"] for s in rec["stages"]] == [0, 0] and rec["status"] == "done"
+    assert os.path.isfile(os.path.join(logs, "pfe", "viper", "split_0", "run_info.json"))
+    assert rd.run_cell("pfe", "viper", 0, "/d", logs, records=records) == "skipped"
+    assert len(calls) == 2
+    assert rd.run_cell("baseline", "prid450s", 1, "/d", logs, records=records) == "failed"
+    assert not os.path.exists(rd.record_path(records, "baseline", "prid450s", 1))
+    info = os.path.join(logs, "baseline", "prid450s", "split_1", "run_info.json")
+    with open(info) as f:
+        assert json.load(f)["stages"][0]["rc"] == 3
 
 
 def test_update_markdown_replaces_block(tmp_path):
@@ -131,7 +194,8 @@ def test_build_commands_single_and_two_stage():
 def test_dry_run_prints_commands_and_trains_nothing(tmp_path, capsys):
     rc = rd.main(
         ["run", "--models", "baseline", "--datasets", "viper", "--splits", "0", "--dry-run"]
-        + ["--logs", str(tmp_path), "--", "SOLVER.MAX_EPOCH", "1"]
+        + ["--logs", str(tmp_path / "l"), "--records", str(tmp_path / "r")]
+        + ["--", "SOLVER.MAX_EPOCH", "1"]
     )
     assert rc == 0
     out = capsys.readouterr().out
