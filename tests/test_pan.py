@@ -56,23 +56,37 @@ def test_pam_equals_eq1_to_3_reference():
     assert PAM(12, 20, 8, out_dim=20)(parts, x).shape == (2, 6, 20)
 
 
-def test_pam_never_builds_position_sized_products(monkeypatch):
-    """The fast path multiplies psi(X) f(X)^T ([D, O]) first: no bmm output has an M axis
-    (neither the K x M compatibility map nor anything M x M)."""
+def test_pam_never_projects_every_position(monkeypatch):
+    """The re-associated PAM: every product has the K part rows on one side, psi and f are never
+    applied to X (no [D, M] or [O, M] tensor), and the bias terms are kept (checked against the
+    reference with large biases)."""
     torch.manual_seed(1)
     pam = PAM(in_channels=10, part_dim=16, inner_dim=4, out_dim=10)
+    with torch.no_grad():
+        pam.psi.bias.add_(3.0)
+        pam.f.bias.sub_(2.0)
     parts, x = torch.randn(3, 6, 16), torch.randn(3, 10, 9, 7)  # M = 63
-    shapes, real_bmm = [], torch.bmm
+    shapes, real_bmm, real_matmul = [], torch.bmm, torch.matmul
 
-    def recording_bmm(a, b, *args, **kw):
-        out = real_bmm(a, b, *args, **kw)
-        shapes.append(tuple(out.shape))
-        return out
+    def recording(real):
+        def op(a, b, *args, **kw):
+            out = real(a, b, *args, **kw)
+            shapes.append(tuple(out.shape))
+            return out
 
-    monkeypatch.setattr(torch, "bmm", recording_bmm)
-    pam(parts, x)
-    assert shapes == [(3, 4, 10), (3, 6, 10)]
-    assert all(63 not in s for s in shapes)
+        return op
+
+    monkeypatch.setattr(torch, "bmm", recording(real_bmm))
+    monkeypatch.setattr(torch, "matmul", recording(real_matmul))
+    pam.psi.register_forward_hook(lambda *a: pytest.fail("psi applied to X"))
+    pam.f.register_forward_hook(lambda *a: pytest.fail("f applied to X"))
+    z = pam(parts, x)
+    assert len(shapes) == 5 and all(s[:2] == (3, 6) for s in shapes)  # K rows in every product
+    assert [s for s in shapes if 63 in s] == [(3, 6, 63)]  # only theta has an M axis
+    monkeypatch.setattr(torch, "bmm", real_bmm)
+    monkeypatch.setattr(torch, "matmul", real_matmul)
+    ref = _pam_reference(pam, parts, x)
+    assert torch.allclose(z.double(), ref, atol=1e-4, rtol=1e-6), (z.double() - ref).abs().max()
 
 
 def test_plm_masks_parts_and_formula():
