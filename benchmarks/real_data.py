@@ -161,14 +161,27 @@ def record_path(records, model, dataset, split):
     return os.path.join(records, model, dataset, f"split_{split}.json")
 
 
+#: What a run depends on: uncommitted changes here make a record "dirty" (documentation,
+#: including the table this script rewrites, does not).
+CODE_PATHS = (
+    "reidzoo",
+    "projects",
+    "configs",
+    "train_net.py",
+    "setup.py",
+    "benchmarks/real_data.py",
+)
+
+
 def git_revision():
-    """``{"rev": HEAD, "dirty": bool}`` of the repository, or None outside a git checkout."""
+    """``{"rev": HEAD, "dirty": bool}`` of the repository (dirty: uncommitted changes under
+    :data:`CODE_PATHS`), or None outside a git checkout."""
     try:
         rev = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
         ).stdout.strip()
         status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS],
             cwd=REPO,
             capture_output=True,
             text=True,

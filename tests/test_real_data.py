@@ -229,3 +229,29 @@ def test_every_leaf_loads_and_shares_the_budget(model):
                 a, b = dict(a), dict(b)
                 a.pop("BASE_LR"), b.pop("BASE_LR")
             assert a == b, f"{stage.config}: {key} differs from Base-realdata.yml"
+
+
+def test_git_revision_dirty_only_for_code(tmp_path, monkeypatch):
+    """A record is "dirty" when code or configs differ from HEAD, not when documentation (such
+    as the table the runner rewrites after every cell) does."""
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                       cwd=tmp_path, check=True, capture_output=True)  # fmt: skip
+
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "a.yml").write_text("A: 1\n")
+    (tmp_path / "REAL_DATA.md").write_text("table\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "init")
+    monkeypatch.setattr(rd, "REPO", str(tmp_path))
+    clean = rd.git_revision()
+    assert len(clean["rev"]) == 40 and clean["dirty"] is False
+    (tmp_path / "REAL_DATA.md").write_text("new table\n")
+    assert rd.git_revision()["dirty"] is False
+    (tmp_path / "configs" / "a.yml").write_text("A: 2\n")
+    assert rd.git_revision() == {"rev": clean["rev"], "dirty": True}
+    monkeypatch.setattr(rd, "REPO", str(tmp_path / "nowhere"))
+    assert rd.git_revision() is None
