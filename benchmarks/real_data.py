@@ -20,8 +20,9 @@ its stages in ``.../split_<k>/stage<i>`` and the last stage's results count. Nex
 ``run_info.json`` records the commands, the wall time and the machine. Training outputs
 (checkpoints, logs) stay under ``logs/``, which git ignores; what a finished cell proves goes into
 a small tracked *record*, ``<records>/<model>/<dataset>/split_<k>.json`` (default records folder
-``benchmarks/real_data``): the final metrics, every evaluation during training, the commands,
-wall times, the machine and the git revision. A cell with a record is skipped unless
+``benchmarks/real_data``; ``--variant r50`` puts logs and records in an ``r50`` subfolder): the
+final metrics, every evaluation during training, the commands, wall times, the machine and the
+git revision. A cell with a record is skipped unless
 ``--force``, so a run can be resumed on a fresh checkout and the table survives the logs.
 
 ``collect`` reads the records and reports, per (model, dataset), the mean +- sample standard
@@ -71,6 +72,17 @@ MODELS = {
     "pfe": ("PFE (stage I + II)", (Stage("PFE_stage1.yml"), Stage("PFE_stage2.yml", "stage1"))),
     "pmm": ("PMM", (Stage("PMM.yml"),)),
     "rmgl": ("RMGL", (Stage("RMGL.yml"),)),
+}
+
+#: backbone variant -> (records / logs subfolder, overrides applied before the command line's,
+#: heading in the report). The shared budget's own ResNet-18 is at the top of both folders.
+VARIANTS = {
+    "r18": ("", (), "ResNet-18 (the shared budget)"),
+    "r50": (
+        "r50",
+        ("MODEL.BACKBONE.DEPTH", "50x", "MODEL.BACKBONE.FEAT_DIM", "2048"),
+        "ResNet-50 (the shared budget with `MODEL.BACKBONE.DEPTH 50x`, nothing else changed)",
+    ),
 }
 
 #: dataset short name -> fast-reid dataset name.
@@ -403,8 +415,16 @@ def markdown_runs(recs):
 
 
 def report(records):
-    """The Markdown block of :func:`main`: the aggregated table, then one line per run."""
-    return markdown(collect(records)) + "\n" + markdown_runs(load_records(records))
+    """The Markdown block of :func:`main`: per backbone variant that has records (ResNet-18
+    always), a heading, the aggregated table, then one line per run."""
+    parts = []
+    for sub, _, heading in VARIANTS.values():
+        folder = os.path.join(records, sub) if sub else records
+        recs = load_records(folder)
+        if sub and not recs:
+            continue
+        parts.append(f"**{heading}**\n\n" + markdown(collect(folder)) + "\n" + markdown_runs(recs))
+    return "\n".join(parts)
 
 
 def _machine_text(machine):
@@ -469,6 +489,12 @@ def parse_args(argv=None) -> Tuple[argparse.Namespace, list]:
     run.add_argument("--dry-run", action="store_true", help="print the commands only")
     run.add_argument("--force", action="store_true", help="re-run cells that have results")
     run.add_argument("--logs", default=os.path.join("logs", "realdata"), help="training outputs")
+    run.add_argument(
+        "--variant",
+        default="r18",
+        choices=list(VARIANTS),
+        help="backbone: r18 (the shared budget) or r50 (records and logs in an 'r50' subfolder)",
+    )
     col = sub.add_parser("collect", help="Markdown table of finished cells")
     for p in (run, col):
         p.add_argument(
@@ -483,6 +509,10 @@ def parse_args(argv=None) -> Tuple[argparse.Namespace, list]:
 def main(argv=None):
     args, extra = parse_args(argv)
     if args.cmd == "run":
+        sub, overrides, _ = VARIANTS[args.variant]
+        extra = list(overrides) + list(extra)
+        records = os.path.join(args.records, sub) if sub else args.records
+        logs = os.path.join(args.logs, sub) if sub else args.logs
         for split in args.splits:
             for dataset in args.datasets:
                 for model in args.models:
@@ -491,11 +521,11 @@ def main(argv=None):
                         dataset,
                         split,
                         args.root,
-                        args.logs,
+                        logs,
                         extra,
                         args.dry_run,
                         args.force,
-                        args.records,
+                        records,
                     )
                     print(f"cell {model}/{dataset}/split_{split}: {status}", flush=True)
                     if args.update_md and status == "done":

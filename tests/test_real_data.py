@@ -255,3 +255,22 @@ def test_git_revision_dirty_only_for_code(tmp_path, monkeypatch):
     assert rd.git_revision() == {"rev": clean["rev"], "dirty": True}
     monkeypatch.setattr(rd, "REPO", str(tmp_path / "nowhere"))
     assert rd.git_revision() is None
+
+
+def test_r50_variant_has_its_own_folders_overrides_and_table(tmp_path, capsys):
+    rc = rd.main(
+        ["run", "--models", "ianet", "--datasets", "prid450s", "--variant", "r50", "--dry-run"]
+        + ["--logs", str(tmp_path / "l"), "--records", str(tmp_path / "r"), "--", "A.B", "1"]
+    )
+    assert rc == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("$ "))
+    assert "MODEL.BACKBONE.DEPTH 50x MODEL.BACKBONE.FEAT_DIM 2048 A.B 1" in line
+    assert os.path.join(str(tmp_path / "l"), "r50", "ianet", "prid450s", "split_0") in line
+    records = str(tmp_path / "r")
+    _write_record(records, "baseline", "viper", 0, _m(1.0, 2.0, 3.0, 4.0))
+    assert "ResNet-50" not in rd.report(records)  # no R50 record yet: no R50 table
+    _write_record(os.path.join(records, "r50"), "baseline", "viper", 0, _m(5.0, 6.0, 7.0, 8.0))
+    block = rd.report(records)
+    r18, r50 = block.split("**ResNet-50")
+    assert "**ResNet-18" in r18 and "| 1.0 +- 0.0 |" in r18 and "5.0" not in r18
+    assert "| 5.0 +- 0.0 |" in r50 and "| 1.0 +- 0.0 |" not in r50
