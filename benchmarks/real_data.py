@@ -269,14 +269,17 @@ def run_cell(
     for argv, out in commands:
         t0 = time.time()
         rc = subprocess.call(argv, cwd=REPO)
-        info["stages"].append(
-            {
-                "command": shlex.join(argv),
-                "rc": rc,
-                "wall_s": time.time() - t0,
-                "evaluations": evaluations(os.path.join(REPO, out)),
-            }
-        )
+        stage = {
+            "command": shlex.join(argv),
+            "rc": rc,
+            "wall_s": time.time() - t0,
+            "evaluations": evaluations(os.path.join(REPO, out)),
+        }
+        stage_results = os.path.join(REPO, out, "results.json")
+        if rc == 0 and os.path.isfile(stage_results):
+            with open(stage_results) as f:
+                stage["final"] = _metrics(json.load(f))
+        info["stages"].append(stage)
         if rc != 0:
             status = "failed"
             break
@@ -382,10 +385,12 @@ def collect(records):
 
 def markdown_runs(recs):
     """Markdown table with one line per run: rank-1 / mAP at every evaluation during training
-    (from the record's stages; a two-stage model lists both stages), wall time, start time and
-    load, git revision."""
+    and at the end (from the record's stages; a two-stage model lists both stages), wall time,
+    start time and load, git revision. (fast-reid's ``metrics.json`` misses the evaluation after
+    the last iteration; "final" is the stage's ``results.json``, the record's metrics for the
+    last stage.)"""
     lines = [
-        "| model | dataset | split | rank-1 / mAP at each evaluation (iteration) | wall | "
+        "| model | dataset | split | rank-1 / mAP during training (iteration); final | wall | "
         "started (UTC), load | git |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -398,6 +403,9 @@ def markdown_runs(recs):
                 f"{e['Rank-1']:.1f} / {e['mAP']:.1f} ({e['iteration']})"
                 for e in stage.get("evaluations") or []
             ]
+            final = stage.get("final") or (rec["metrics"] if i == len(stages) - 1 else None)
+            if final:
+                points.append(f"final {final['Rank-1']:.1f} / {final['mAP']:.1f}")
             evals.append(tag + ", ".join(points or ["n/a"]))
         load = (rec.get("machine_start") or {}).get("loadavg") or []
         wall = rec.get("wall_s")

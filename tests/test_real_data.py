@@ -92,10 +92,13 @@ def test_runs_table_lists_every_evaluation(tmp_path):
         {"iteration": 170, "Rank-1": 13.25, "Rank-5": 0, "Rank-10": 0, "mAP": 24.9},
         {"iteration": 341, "Rank-1": 19.0, "Rank-5": 0, "Rank-10": 0, "mAP": 31.4},
     ]
-    stages = [{"evaluations": ev[:1]}, {"evaluations": ev}]
-    _write_record(str(tmp_path), "pfe", "viper", 0, _m(19.0, 1, 2, 31.4), 600.0, stages)
+    stages = [{"evaluations": ev[:1], "final": _m(15.0, 1, 2, 26.0)}, {"evaluations": ev}]
+    _write_record(str(tmp_path), "pfe", "viper", 0, _m(20.0, 1, 2, 32.4), 600.0, stages)
     (line,) = rd.markdown_runs(rd.load_records(str(tmp_path))).strip().splitlines()[2:]
-    assert "| stage 1: 13.2 / 24.9 (170); stage 2: 13.2 / 24.9 (170), 19.0 / 31.4 (341) |" in line
+    assert (
+        "| stage 1: 13.2 / 24.9 (170), final 15.0 / 26.0; "
+        "stage 2: 13.2 / 24.9 (170), 19.0 / 31.4 (341), final 20.0 / 32.4 |"
+    ) in line
     assert "| 10.0 min | 2026-11-30 10:00, 1.0/2.0/3.0 | abcdef0 |" in line
     block = rd.report(str(tmp_path))
     assert block.count("| PFE (stage I + II) | VIPeRSingleShot |") == 2
@@ -141,6 +144,7 @@ def test_run_cell_writes_record_and_skips_it_next_time(tmp_path, monkeypatch):
         rec = json.load(f)
     assert rec["metrics"] == {"Rank-1": 1.0, "Rank-5": 2.0, "Rank-10": 3.0, "mAP": 4.0}
     assert [s["rc"] for s in rec["stages"]] == [0, 0] and rec["status"] == "done"
+    assert [s["final"]["mAP"] for s in rec["stages"]] == [4.0, 4.0]
     assert os.path.isfile(os.path.join(logs, "pfe", "viper", "split_0", "run_info.json"))
     assert rd.run_cell("pfe", "viper", 0, "/d", logs, records=records) == "skipped"
     assert len(calls) == 2
