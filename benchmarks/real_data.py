@@ -22,8 +22,8 @@ its stages in ``.../split_<k>/stage<i>`` and the last stage's results count. Nex
 a small tracked *record*, ``<records>/<model>/<dataset>/split_<k>.json`` (default records folder
 ``benchmarks/real_data``; ``--variant r50`` puts logs and records in an ``r50`` subfolder): the
 final metrics, every evaluation during training, the commands, wall times, the machine and the
-git revision. A cell with a record is skipped unless
-``--force``, so a run can be resumed on a fresh checkout and the table survives the logs.
+git revision. A cell with a record is skipped unless ``--force``, so a run can be resumed on a
+fresh checkout and the table survives the logs.
 
 ``collect`` reads the records and reports, per (model, dataset), the mean +- sample standard
 deviation (ddof=1; 0 for a single split) of rank-1/5/10 and mAP over the splits present, their
@@ -285,14 +285,14 @@ def run_cell(
             break
     info["wall_s"] = time.time() - start
     info["machine_end"] = machine_info()
-    info["status"] = status
     # output folders are relative to the repository root, where train_net.py runs
-    _write_json(os.path.join(REPO, cell_dir(logs, model, dataset, split), "run_info.json"), info)
     results = os.path.join(REPO, final_out, "results.json")
+    if status == "done" and not os.path.isfile(results):
+        print(f"failed: {results} was not written", flush=True)
+        status = "failed"
+    info["status"] = status
+    _write_json(os.path.join(REPO, cell_dir(logs, model, dataset, split), "run_info.json"), info)
     if status == "done":
-        if not os.path.isfile(results):
-            print(f"failed: {results} was not written", flush=True)
-            return "failed"
         with open(results) as f:
             info["metrics"] = _metrics(json.load(f))
         _write_json(record, info)
