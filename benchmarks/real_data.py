@@ -45,7 +45,7 @@ from typing import NamedTuple, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join("configs", "RealData")
-RECORDS = os.path.join("benchmarks", "real_data")
+RECORDS = os.path.join(REPO, "benchmarks", "real_data")
 METRICS = ("Rank-1", "Rank-5", "Rank-10", "mAP")
 BEGIN_MARK = "<!-- real_data:begin -->"
 END_MARK = "<!-- real_data:end -->"
@@ -231,14 +231,16 @@ def evaluations(output_dir):
     return found
 
 
+def _write_text(path, text):
+    """Write ``text`` to ``path`` atomically (:func:`reidzoo.checkpoint.atomic_write`)."""
+    from reidzoo.checkpoint import atomic_write  # imports torch: only when writing
+
+    atomic_write(path, lambda f: f.write(text), mode="w")
+
+
 def _write_json(path, payload):
-    """Write ``payload`` to ``path`` atomically (a temporary file, then a rename)."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    """Write ``payload`` as indented JSON to ``path`` atomically."""
+    _write_text(path, json.dumps(payload, indent=2) + "\n")
 
 
 def run_cell(
@@ -285,16 +287,17 @@ def run_cell(
             break
     info["wall_s"] = time.time() - start
     info["machine_end"] = machine_info()
-    # output folders are relative to the repository root, where train_net.py runs
-    results = os.path.join(REPO, final_out, "results.json")
-    if status == "done" and not os.path.isfile(results):
-        print(f"failed: {results} was not written", flush=True)
+    last = info["stages"][-1]
+    if status == "done" and "final" not in last:
+        print(
+            f"failed: {os.path.join(REPO, final_out, 'results.json')} was not written", flush=True
+        )
         status = "failed"
     info["status"] = status
+    # output folders are relative to the repository root, where train_net.py runs
     _write_json(os.path.join(REPO, cell_dir(logs, model, dataset, split), "run_info.json"), info)
     if status == "done":
-        with open(results) as f:
-            info["metrics"] = _metrics(json.load(f))
+        info["metrics"] = last["final"]  # the last stage's results.json
         _write_json(record, info)
     return status
 
@@ -407,7 +410,6 @@ def markdown_runs(recs):
             if final:
                 points.append(f"final {final['Rank-1']:.1f} / {final['mAP']:.1f}")
             evals.append(tag + ", ".join(points or ["n/a"]))
-        load = (rec.get("machine_start") or {}).get("loadavg") or []
         wall = rec.get("wall_s")
         cells = [
             MODELS[rec["model"]][0],
@@ -415,7 +417,7 @@ def markdown_runs(recs):
             str(rec["split"]),
             "; ".join(evals) or "n/a",
             f"{wall / 60:.1f} min" if wall is not None else "n/a",
-            f"{rec.get('started_utc', 'n/a')}, {'/'.join(f'{x:.1f}' for x in load) or 'n/a'}",
+            f"{rec.get('started_utc', 'n/a')}, {_load_text(rec.get('machine_start')) or 'n/a'}",
             _revision(rec),
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -435,10 +437,15 @@ def report(records):
     return "\n".join(parts)
 
 
+def _load_text(machine):
+    """``machine_info()``'s 1 / 5 / 15-minute load average as ``"a/b/c"`` ("" if absent)."""
+    return "/".join(f"{x:.1f}" for x in (machine or {}).get("loadavg") or [])
+
+
 def _machine_text(machine):
     if not machine:
         return "n/a"
-    load = "/".join(f"{x:.1f}" for x in machine.get("loadavg", []))
+    load = _load_text(machine)
     return f"{machine['nproc']} x {machine['cpu']}, torch {machine['torch']}, load {load}"
 
 
@@ -474,10 +481,7 @@ def update_markdown(path, table):
         text = head + block + tail
     else:
         text = text + ("\n" if text and not text.endswith("\n") else "") + block + "\n"
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    _write_text(path, text)
 
 
 def parse_args(argv=None) -> Tuple[argparse.Namespace, list]:
@@ -507,7 +511,7 @@ def parse_args(argv=None) -> Tuple[argparse.Namespace, list]:
     for p in (run, col):
         p.add_argument(
             "--records",
-            default=os.path.join(REPO, RECORDS),
+            default=RECORDS,
             help="folder of the finished cells' records (tracked by git)",
         )
         p.add_argument("--update-md", default=None, help="rewrite the table block of this file")
