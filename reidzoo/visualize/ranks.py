@@ -268,7 +268,7 @@ def visualize_dataset(
     Returns:
         dict: the content of ``ranks.json``.
     """
-    from reidzoo.engine.trainer import build_dataset
+    from reidzoo.data.build import build_dataset
     from reidzoo.evaluation import rank_distmat
 
     if extractor is None and features is None:
