@@ -4,19 +4,27 @@ import logging
 import os
 
 import torch
-from fastreid.data import build_reid_test_loader, build_reid_train_loader
+from fastreid.data import build_reid_test_loader
 from fastreid.data.common import CommDataset
 from fastreid.engine import DefaultTrainer
 from fastreid.engine.train_loop import AMPTrainer, SimpleTrainer, TrainerBase
 from fastreid.modeling.meta_arch import build_model
-from fastreid.solver import build_lr_scheduler, build_optimizer
+from fastreid.solver import build_optimizer
 from fastreid.utils import comm
 from fastreid.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
+from reidzoo import schedule
 from reidzoo.checkpoint import Checkpointer
 from reidzoo.data.build import build_dataset
+from reidzoo.data.stream import DeferredLoader, build_stream_train_loader, run_seed, stream_of
 from reidzoo.data.transforms import build_transforms_with_registry
+from reidzoo.engine.hooks import BufferSync, EpochSeed, FinalCheckpoint, PeriodicCheckpointer
+from reidzoo.engine.run_folder import (
+    protect_run_folder,
+    remove_stale_temporaries,
+    truncate_metrics,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +79,7 @@ class ReidTrainer(DefaultTrainer):
         cfg = prepare_cfg(cfg)
         if comm.is_main_process() and cfg.OUTPUT_DIR:
             os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+            remove_stale_temporaries(cfg.OUTPUT_DIR)
         data_loader = self.build_train_loader(cfg)
         num_images = len(data_loader.dataset)
         cfg = self.auto_scale_hyperparams(cfg, data_loader.dataset.num_classes)
@@ -85,7 +94,13 @@ class ReidTrainer(DefaultTrainer):
                 find_unused_parameters=cfg.REIDZOO.FIND_UNUSED_PARAMETERS,
             )
         trainer_cls = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
-        self._trainer = trainer_cls(model, data_loader, optimizer, param_wrapper)
+        # The loader's iterator is created at the first step, once resume has positioned it.
+        self._trainer = trainer_cls(model, DeferredLoader(data_loader), optimizer, param_wrapper)
+        self._trainer.data_loader = data_loader
+        self._stream, self._stream_set = stream_of(data_loader)
+        self.seed = self._stream.seed if self._stream is not None else run_seed(cfg)
+        self.best_metric = -1
+        self.finished_checkpoint = None
 
         if cfg.SOLVER.MAX_ITER > 0:
             self.iters_per_epoch = 1
@@ -99,13 +114,15 @@ class ReidTrainer(DefaultTrainer):
                 )
             self.max_epoch = cfg.SOLVER.MAX_EPOCH
         self.scheduler = self.build_lr_scheduler(cfg, optimizer, self.iters_per_epoch)
+        checkpointables = dict(optimizer=optimizer, **self.scheduler)
+        if cfg.SOLVER.AMP.ENABLED:
+            checkpointables["grad_scaler"] = self._trainer.grad_scaler
         self.checkpointer = Checkpointer(
             model,
             cfg.OUTPUT_DIR,
             save_to_disk=comm.is_main_process(),
             strict=cfg.REIDZOO.STRICT_LOAD,
-            optimizer=optimizer,
-            **self.scheduler,
+            **checkpointables,
         )
         self.start_epoch = 0
         self.max_iter = self.max_epoch * self.iters_per_epoch
@@ -116,26 +133,117 @@ class ReidTrainer(DefaultTrainer):
 
     def resume_or_load(self, resume=True):
         """Resume from ``OUTPUT_DIR/last_checkpoint`` if ``resume`` and it exists, else load
-        ``MODEL.WEIGHTS`` (model only).
+        ``MODEL.WEIGHTS`` (model only) into a new run.
+
+        A resumed run continues exactly where the checkpoint was written: the data stream moves
+        to the next sample, the run's seed is the checkpoint's, and ``metrics.json`` loses the
+        lines written after the checkpoint (they are written again). A new run refuses an
+        ``OUTPUT_DIR`` that already holds another run.
 
         Args:
             resume (bool)
+        Raises:
+            RunFolderError: a new run (``resume=False``) into a folder that holds a run.
         """
+        if not resume and comm.is_main_process():
+            protect_run_folder(self.cfg.OUTPUT_DIR)
+        resuming = resume and self.checkpointer.has_checkpoint()
         checkpoint = self.checkpointer.resume_or_load(self.cfg.MODEL.WEIGHTS, resume=resume)
-        if resume and self.checkpointer.has_checkpoint():
+        if resuming:
             self.start_epoch = checkpoint.get("epoch", -1) + 1
-            logger.info("Resuming at epoch %d", self.start_epoch)
+            self.best_metric = checkpoint.get("best_metric", -1)
+            seed = checkpoint.get("seed")
+            source = self.checkpointer.get_checkpoint_file()
+            if seed is None or self._stream is None:
+                logger.warning(
+                    "%s holds no data-stream seed (or the training loader is not reidzoo's "
+                    "stream): the resumed run will not repeat the uninterrupted one exactly",
+                    source,
+                )
+            else:
+                self.seed = int(seed)
+            if self.start_epoch >= self.max_epoch:
+                self.finished_checkpoint = source
+            logger.info("Resuming at epoch %d from %s", self.start_epoch, source)
+            if comm.is_main_process() and truncate_metrics(
+                self.cfg.OUTPUT_DIR, self.start_epoch * self.iters_per_epoch
+            ):
+                self._reopen_json_writers()
+        if self._stream is not None:
+            self._stream.seed = self._stream_set.seed = self.seed
+            mini_batch = self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
+            self._stream.set_start(self.start_epoch * self.iters_per_epoch * mini_batch)
+
+    def _reopen_json_writers(self):
+        from fastreid.engine import hooks as fr_hooks
+        from fastreid.utils.events import JSONWriter
+
+        for h in self._hooks:
+            for w in getattr(h, "_writers", ()) if isinstance(h, fr_hooks.PeriodicWriter) else ():
+                if isinstance(w, JSONWriter):
+                    name = w._file_handle.name
+                    w._file_handle.close()
+                    w._file_handle = open(name, "a")
+
+    def checkpoint_state(self):
+        """What a checkpoint holds besides the model, optimizer and schedulers, for an exact
+        resume: the data-stream seed and the best metric so far.
+
+        Returns:
+            dict
+        """
+        return {"seed": self.seed, "best_metric": float(self.best_metric)}
+
+    def train(self):
+        """Train from ``start_epoch`` to the last epoch; returns the last evaluation's results
+        (main process), or None when a resumed run was already finished."""
+        if self.finished_checkpoint is not None:
+            logger.warning(
+                "Nothing to resume: the run in %s is finished (%s holds epoch %d of "
+                "SOLVER.MAX_EPOCH/MAX_ITER %d). Evaluate it with --eval-only MODEL.WEIGHTS %s, "
+                "or raise the number of epochs to train on.",
+                os.path.abspath(self.cfg.OUTPUT_DIR),
+                self.finished_checkpoint,
+                self.start_epoch,
+                self.max_epoch,
+                self.finished_checkpoint,
+            )
+            return None
+        return super().train()
 
     def build_hooks(self):
-        """fast-reid's hooks, with the progress/ETA lines every ``REIDZOO.LOG_PERIOD``
-        iterations instead of every 200."""
-        from fastreid.engine import hooks
+        """fast-reid's hooks, reordered and extended:
 
-        ret = super().build_hooks()
-        for h in ret:
-            if isinstance(h, hooks.PeriodicWriter):
+        * the learning-rate hook steps reidzoo's absolute schedule (:mod:`reidzoo.schedule`);
+        * every epoch starts from a seed of its own (exact resume on every rank);
+        * with several processes, every rank's buffers are made equal before evaluation and
+          checkpointing, so the evaluation sees the model that is saved;
+        * ``model_final`` is written before the final evaluation;
+        * progress/ETA lines every ``REIDZOO.LOG_PERIOD`` iterations instead of every 200.
+        """
+        from fastreid.engine import hooks as fr_hooks
+
+        ret = []
+        for h in super().build_hooks():
+            if isinstance(h, fr_hooks.LRScheduler):
+                ret += [EpochSeed(), self.build_lr_hook(self.optimizer, self.scheduler)]
+                continue
+            if isinstance(h, fr_hooks.EvalHook):
+                if comm.get_world_size() > 1:
+                    ret.append(BufferSync())
+                if comm.is_main_process():
+                    ret.append(FinalCheckpoint(self.checkpointer))
+            if isinstance(h, fr_hooks.PeriodicCheckpointer):
+                h = PeriodicCheckpointer(self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD)
+            if isinstance(h, fr_hooks.PeriodicWriter):
                 h._period = self.cfg.REIDZOO.LOG_PERIOD
+            ret.append(h)
         return ret
+
+    @classmethod
+    def build_lr_hook(cls, optimizer, scheduler):
+        """The hook that steps the schedulers of :meth:`build_lr_scheduler`."""
+        return schedule.LRSchedulerHook(optimizer, scheduler)
 
     @classmethod
     def build_model(cls, cfg):
@@ -150,7 +258,9 @@ class ReidTrainer(DefaultTrainer):
 
     @classmethod
     def build_lr_scheduler(cls, cfg, optimizer, iters_per_epoch):
-        return build_lr_scheduler(cfg, optimizer, iters_per_epoch)
+        """reidzoo's absolute schedule (:func:`reidzoo.schedule.build_lr_scheduler`):
+        ``SOLVER.STEPS`` count from the start of training, warmup included."""
+        return schedule.build_lr_scheduler(cfg, optimizer, iters_per_epoch)
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -170,7 +280,7 @@ class ReidTrainer(DefaultTrainer):
             raise ValueError(f"no training images in DATASETS.NAMES={tuple(cfg.DATASETS.NAMES)}")
         transforms = build_transforms_with_registry(cfg, is_train=True)
         train_set = CommDataset(items, transforms, relabel=True)
-        return build_reid_train_loader(cfg, train_set=train_set, transforms=transforms)
+        return build_stream_train_loader(cfg, train_set, transforms)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
