@@ -127,6 +127,9 @@ def build_commands(model, dataset, split, root, logs, python=sys.executable, ext
         out = os.path.join(base, sname) if sname else base
         out_dirs[sname] = out
         argv = [python, "train_net.py", "--config-file", os.path.join(CONFIG_DIR, stage.config)]
+        # A cell runs again only when it has no record (failed, or --force): its old outputs
+        # move to <folder>.replaced-<time> instead of blocking it.
+        argv += ["--overwrite"]
         argv += [
             "DATASETS.NAMES", f'("{name}",)',
             "DATASETS.TESTS", f'("{name}",)',

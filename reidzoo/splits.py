@@ -19,7 +19,7 @@ from reidzoo.data.datasets import NUM_SPLITS, summarize_splits
 logger = logging.getLogger(__name__)
 
 
-def run_splits(config_file, opts, splits, train=True):
+def run_splits(config_file, opts, splits, train=True, overwrite=False, resume=False):
     """Run training + evaluation (or evaluation only) per split.
 
     Args:
@@ -27,6 +27,8 @@ def run_splits(config_file, opts, splits, train=True):
         opts (list[str]): ``KEY VALUE`` overrides.
         splits (Iterable[int]): split indices.
         train (bool): train each split (else ``--eval-only``, needs MODEL.WEIGHTS).
+        overwrite (bool): ``train_net.py --overwrite`` for each split (move an old run aside).
+        resume (bool): ``train_net.py --resume`` for each split.
     Returns:
         tuple[list[dict], dict]: per-split results and :func:`summarize_splits` of them.
     """
@@ -37,6 +39,7 @@ def run_splits(config_file, opts, splits, train=True):
     for k in splits:
         out = os.path.join(base.OUTPUT_DIR, f"split_{k}")
         argv = ["--config-file", config_file] + ([] if train else ["--eval-only"])
+        argv += (["--overwrite"] if overwrite else []) + (["--resume"] if resume else [])
         argv += list(opts) + ["DATASETS.SPLIT_INDEX", str(k), "OUTPUT_DIR", out]
         args = default_argument_parser().parse_args(argv)
         results = main(args)
@@ -56,9 +59,20 @@ def main(argv=None):
     parser.add_argument("--config-file", required=True)
     parser.add_argument("--splits", type=int, nargs="+", default=list(range(NUM_SPLITS)))
     parser.add_argument("--eval-only", action="store_true")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="move a split's earlier run aside first"
+    )
+    parser.add_argument("--resume", action="store_true", help="resume each split's run")
     parser.add_argument("opts", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
-    _, summary = run_splits(args.config_file, args.opts, args.splits, train=not args.eval_only)
+    _, summary = run_splits(
+        args.config_file,
+        args.opts,
+        args.splits,
+        train=not args.eval_only,
+        overwrite=args.overwrite,
+        resume=args.resume,
+    )
     for metric, s in summary.items():
         print(f"{metric}: {s['mean']:.2f} +- {s['std']:.2f} (n={s['n']})")
     return 0

@@ -171,8 +171,10 @@ def test_build_commands_single_and_two_stage():
     (cmd,) = rd.build_commands("baseline", "prid450s", 4, "/data", "logs/rd", python="py")
     argv, out = cmd
     assert out == os.path.join("logs/rd", "baseline", "prid450s", "split_4")
-    assert argv[:4] == ["py", "train_net.py", "--config-file", "configs/RealData/baseline.yml"]
-    opts = dict(zip(argv[4::2], argv[5::2]))
+    assert argv[:5] == [
+        "py", "train_net.py", "--config-file", "configs/RealData/baseline.yml", "--overwrite"
+    ]  # fmt: skip
+    opts = dict(zip(argv[5::2], argv[6::2]))
     assert opts == {
         "DATASETS.NAMES": '("PRID450S",)',
         "DATASETS.TESTS": '("PRID450S",)',

@@ -5,13 +5,13 @@ import logging
 import os
 
 from fastreid.engine import default_argument_parser as _fastreid_parser
-from fastreid.engine import default_setup
 from fastreid.engine import launch as _fastreid_launch
 from fastreid.utils import comm
 from fastreid.utils.env import seed_all_rng
 
 from reidzoo.checkpoint import atomic_write, load_weights
 from reidzoo.config import setup_cfg
+from reidzoo.engine.run_folder import protect_run_folder
 
 logger = logging.getLogger(__name__)
 
@@ -19,12 +19,20 @@ logger = logging.getLogger(__name__)
 def default_argument_parser():
     """fast-reid's command line: ``--config-file``, ``--resume``, ``--eval-only``,
     ``--num-gpus``, ``--num-machines``, ``--machine-rank``, ``--dist-url`` and trailing
-    ``KEY VALUE`` overrides. On a CPU, ``--num-gpus N`` means N processes (gloo).
+    ``KEY VALUE`` overrides, plus ``--overwrite``. On a CPU, ``--num-gpus N`` means N processes
+    (gloo).
 
     Returns:
         argparse.ArgumentParser
     """
-    return _fastreid_parser()
+    parser = _fastreid_parser()
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a new run in an OUTPUT_DIR that holds another run, after moving that run "
+        "to OUTPUT_DIR.replaced-<time> (nothing is deleted)",
+    )
+    return parser
 
 
 def setup(args):
@@ -39,10 +47,48 @@ def setup(args):
 
     cfg = prepare_cfg(setup_cfg(args.config_file, args.opts, freeze=False))
     cfg.freeze()
-    default_setup(cfg, args)
+    if not getattr(args, "eval_only", False):
+        # Before anything is written into OUTPUT_DIR (config.yaml, log.txt).
+        if comm.is_main_process():
+            protect_run_folder(
+                cfg.OUTPUT_DIR,
+                resume=getattr(args, "resume", False),
+                overwrite=getattr(args, "overwrite", False),
+            )
+        comm.synchronize()
+    _default_setup(cfg, args)
     if cfg.REIDZOO.SEED >= 0:
         seed_all_rng(cfg.REIDZOO.SEED + comm.get_rank())
     return cfg
+
+
+def _default_setup(cfg, args):
+    """fast-reid's ``default_setup`` (logger, environment and config in the log, config copy,
+    cuDNN benchmark), except that ``--eval-only`` writes its config to ``config_eval.yaml``
+    instead of replacing the training run's ``config.yaml``."""
+    import torch
+    from fastreid.utils.collect_env import collect_env_info
+    from fastreid.utils.logger import setup_logger
+
+    output_dir = cfg.OUTPUT_DIR
+    eval_only = getattr(args, "eval_only", False)
+    if comm.is_main_process() and output_dir:
+        os.makedirs(output_dir, exist_ok=True)
+    log = setup_logger(output_dir, distributed_rank=comm.get_rank())
+    log.info("Rank of current process: %d. World size: %d", comm.get_rank(), comm.get_world_size())
+    log.info("Environment info:\n%s", collect_env_info())
+    log.info("Command line arguments: %s", args)
+    if getattr(args, "config_file", "") and os.path.isfile(args.config_file):
+        with open(args.config_file) as f:
+            log.info("Contents of args.config_file=%s:\n%s", args.config_file, f.read())
+    log.info("Running with full config:\n%s", cfg)
+    if comm.is_main_process() and output_dir:
+        path = os.path.join(output_dir, "config_eval.yaml" if eval_only else "config.yaml")
+        atomic_write(path, lambda f: f.write(cfg.dump()), mode="w")
+        log.info("Full config saved to %s", os.path.abspath(path))
+    seed_all_rng()
+    if not eval_only:
+        torch.backends.cudnn.benchmark = cfg.CUDNN_BENCHMARK
 
 
 def main(args, trainer_cls=None):
