@@ -33,24 +33,36 @@ def test_learning_every_group_changes_and_loss_drops(tiny_market, tmp_path):
 
 
 def test_stock_contiguous_optimizer_does_not_learn(tiny_market, tmp_path):
-    """What the optimizer fix prevents: fast-reid's default steps a copy of the weights."""
+    """What the optimizer fix prevents: with fast-reid's own default (``contiguous=True``, kept
+    in ``compat.ORIGINALS``) the optimizer steps a flat copy and no weight of the model moves;
+    with the default ``reidzoo.compat`` installs, the same steps move every trained weight."""
     from fastreid.solver import build_optimizer
 
-    torch.manual_seed(0)
+    from reidzoo import compat
+
+    stock = compat.ORIGINALS["optimizer_contiguous"]
+    assert stock == (True,)  # fast-reid 1.4.0's default
     trainer = ReidTrainer(tiny_cfg(tiny_market, str(tmp_path)))
-    model = trainer.model
-    optimizer, wrapper = build_optimizer(trainer.cfg, model, contiguous=True)
     batch = next(iter(trainer.data_loader))
-    w0 = model.backbone.conv1.weight.detach().clone()
-    model.train()
-    for _ in range(3):
-        loss = sum(model(batch).values())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    if torch.equal(w0, model.backbone.conv1.weight.detach()):
-        return  # the bug as described: nothing moved
-    pytest.skip("this torch version steps the model's own weights even with ContiguousParams")
+
+    def moved_after_steps(*default):
+        torch.manual_seed(0)
+        model = ReidTrainer.build_model(trainer.cfg).train()
+        optimizer, _ = build_optimizer(trainer.cfg, model, *default)
+        trained = [n for n, p in model.named_parameters() if p.requires_grad]
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        for _ in range(3):
+            loss = sum(model(batch).values())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        moved = [n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())]
+        return moved, trained
+
+    moved, trained = moved_after_steps(*stock)
+    assert trained and moved == [], f"fast-reid's contiguous default moved {moved[:3]}"
+    moved, trained = moved_after_steps()  # the default as patched by reidzoo.compat
+    assert moved == trained
 
 
 def test_cpu_amp_turned_off(tiny_market, tmp_path, caplog):
