@@ -246,7 +246,9 @@ def _fix_random_affine():
 
 
 # --------------------------------------------------------------------------------------------
-# A corrupt image raised PIL's error without a usable file name; name the file.
+# A corrupt image raised PIL's error without a usable file name, an RGBA file gave 4 channels
+# (a tensor-size error in collate) and a 16-bit one could not be converted: read every file
+# with reidzoo's one reader (8-bit RGB by fixed rules, errors name the file).
 # --------------------------------------------------------------------------------------------
 def _fix_read_image():
     from fastreid.data import common, data_utils
@@ -257,10 +259,17 @@ def _fix_read_image():
 
     @functools.wraps(orig)
     def read_image(file_name, format=None):
-        try:
-            return orig(file_name, format)
-        except Exception as e:  # PIL raises several types; all mean "cannot read"
-            raise OSError(f"cannot read image file '{file_name}': {e}") from e
+        import numpy as np
+        from PIL import Image
+
+        from reidzoo.data import images
+
+        image = images.read_image(file_name)  # ImageReadError (an OSError) names the file
+        if format is None or format == "RGB":
+            return image
+        if format == "BGR":  # fast-reid's convention: a PIL image holding BGR-ordered pixels
+            return Image.fromarray(np.ascontiguousarray(np.asarray(image)[:, :, ::-1]))
+        return image.convert(format)
 
     ORIGINALS["read_image"] = orig
     read_image._reidzoo_patched = True

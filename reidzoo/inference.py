@@ -209,10 +209,10 @@ def to_pil(image, name="image"):
         OSError: an unreadable image file (the message names it).
         TypeError, ValueError: an unsupported type, shape or pixel range (named).
     """
-    from fastreid.data import data_utils
+    from reidzoo.data.images import read_image
 
     if isinstance(image, (str, os.PathLike)):
-        pil = data_utils.read_image(os.fspath(image))  # patched by reidzoo.compat: names file
+        pil = read_image(image)  # the data loaders' reader: same pixels; errors name the file
     elif isinstance(image, Image.Image):
         pil = image
     elif isinstance(image, (np.ndarray, torch.Tensor)):

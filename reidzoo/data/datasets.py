@@ -67,6 +67,19 @@ def dataset_kwargs(cfg, name):
 
 
 @register_config
+def add_image_check_config(cfg):
+    """``DATASETS.CHECK_IMAGES``: decode every train/query/gallery image before training.
+
+    Args:
+        cfg (CfgNode): root config, modified in place.
+    """
+    # True: the trainer decodes every image of DATASETS.NAMES and DATASETS.TESTS once when it
+    # builds its loaders (results cached in $REIDZOO_CACHE, else ~/.cache/reidzoo) and names
+    # every unreadable file in one error. False: an unreadable file fails when it is read.
+    add_node(cfg, "DATASETS", {"CHECK_IMAGES": True})
+
+
+@register_config
 def add_cuhk03_config(cfg):
     """``DATASETS.CUHK03``: which boxes and protocol fast-reid's CUHK03 loader uses.
 

@@ -110,7 +110,9 @@ class _TwoCameraSingleShot(ImageDataset):
 
     @classmethod
     def _find_dir(cls, root):
-        """``<root>/<dataset_dir>``, or ``root`` itself if it directly holds the images."""
+        """``<root>/<dataset_dir>``, or ``root`` itself if it directly holds the images
+        (absolute, so that item paths and error messages are)."""
+        root = os.path.abspath(root)
         candidate = os.path.join(root, cls.dataset_dir)
         if os.path.isdir(candidate):
             folder = candidate

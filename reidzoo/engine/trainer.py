@@ -278,6 +278,12 @@ class ReidTrainer(DefaultTrainer):
             items.extend(data.train)
         if not items:
             raise ValueError(f"no training images in DATASETS.NAMES={tuple(cfg.DATASETS.NAMES)}")
+        from reidzoo.data.build import check_datasets, check_identity_sampler
+
+        # Before any step: every train/query/gallery image decodes (one error naming all that
+        # do not), and the sampler can fill a batch (fast-reid's would loop forever).
+        check_identity_sampler(cfg, items)
+        check_datasets(cfg, items)
         transforms = build_transforms_with_registry(cfg, is_train=True)
         train_set = CommDataset(items, transforms, relabel=True)
         return build_stream_train_loader(cfg, train_set, transforms)
@@ -292,6 +298,15 @@ class ReidTrainer(DefaultTrainer):
         data = build_dataset(cfg, dataset_name)
         if comm.is_main_process():
             data.show_test()
+        from reidzoo.data.build import check_dataset_images
+
+        check_dataset_images(  # cached when the trainer checked it already
+            cfg,
+            {
+                f"{dataset_name} query": [item[0] for item in data.query],
+                f"{dataset_name} gallery": [item[0] for item in data.gallery],
+            },
+        )
         transforms = build_transforms_with_registry(cfg, is_train=False)
         test_set = CommDataset(data.query + data.gallery, transforms, relabel=False)
         return build_reid_test_loader(
