@@ -1,6 +1,7 @@
 """Shared tiny CPU fixtures."""
 
 import os
+import tempfile
 
 import numpy as np
 import pytest
@@ -10,6 +11,8 @@ from PIL import Image
 from reidzoo.config import get_cfg
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The image-check cache of every trainer a test builds (subprocesses inherit it), not ~/.cache.
+os.environ.setdefault("REIDZOO_CACHE", tempfile.mkdtemp(prefix="reidzoo-test-cache-"))
 SHARED_DATA = os.environ.get("REIDZOO_SHARED_DATA", os.path.join(REPO, "..", "shared", "data"))
 
 
