@@ -139,7 +139,32 @@ class AbsoluteLR(torch.optim.lr_scheduler.LRScheduler):
                 f"(keys: {sorted(state_dict)}); reidzoo's absolute schedule cannot resume it "
                 "exactly. Start a new run from its weights with MODEL.WEIGHTS instead."
             )
-        super().load_state_dict(state_dict)
+        # The position (iteration count, last rates) comes from the checkpoint; the schedule
+        # itself stays the config's, so a resumed run with, e.g., more epochs follows the new
+        # schedule instead of silently keeping the old one.
+        changed = [
+            f"{k}: checkpoint {state_dict[k]!r}, config {getattr(self, k)!r}"
+            for k in _SCHEDULE_KEYS
+            if k in state_dict and state_dict[k] != getattr(self, k)
+        ]
+        if changed:
+            logger.warning("Resuming with another schedule than the checkpoint's: %s", changed)
+        super().load_state_dict({k: v for k, v in state_dict.items() if k not in _SCHEDULE_KEYS})
+
+
+#: What defines an :class:`AbsoluteLR` schedule (as opposed to its position in it).
+_SCHEDULE_KEYS = (
+    "sched",
+    "iters_per_epoch",
+    "total_units",
+    "milestones",
+    "gamma",
+    "warmup_iters",
+    "warmup_factor",
+    "warmup_method",
+    "cosine_start",
+    "eta_min",
+)
 
 
 def build_lr_scheduler(cfg, optimizer, iters_per_epoch):

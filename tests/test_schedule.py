@@ -150,3 +150,26 @@ def test_schedule_rejects_unknown_scheduler(tiny_market, tmp_path):
     cfg = tiny_cfg(tiny_market, str(tmp_path), **{"SOLVER.SCHED": "StepLR"})
     with pytest.raises(ValueError, match="SOLVER.SCHED 'StepLR'"):
         ReidTrainer(cfg)
+
+
+def test_resumed_schedule_keeps_the_configs_schedule_and_the_checkpoints_position(caplog):
+    import torch
+
+    from reidzoo.schedule import AbsoluteLR
+
+    def make(total):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=BASE)
+        kw = dict(sched="MultiStepLR", iters_per_epoch=2, milestones=[2], gamma=0.1)
+        return AbsoluteLR(opt, total_units=total, **kw)
+
+    old = make(4)
+    for _ in range(5):
+        old.optimizer.step()
+        old.step()
+    new = make(8)  # resumed with more epochs
+    new.load_state_dict(old.state_dict())
+    assert new.last_epoch == 5 and new.total_units == 8
+    assert "another schedule than the checkpoint's" in caplog.text
+    assert new.get_last_lr() == pytest.approx([BASE * 0.1])
+    with pytest.raises(ValueError, match="written by another scheduler"):
+        new.load_state_dict({"milestones": {2: 1}, "last_epoch": 3})
