@@ -335,14 +335,19 @@ def _fix_launch():
 
 
 # --------------------------------------------------------------------------------------------
-# torch>=2.6 loads with weights_only=True; fastreid's checkpoints hold optimizer/scheduler
-# state and plain Python objects. Our checkpoints are our own files: load them fully.
+# fastreid's Checkpointer calls torch.load with torch's defaults: weights_only=True on torch
+# >= 2.6 (older: unpickle everything), with an error that names neither the file nor a way out.
+# Read through reidzoo.checkpoint.load_file: weights only plus the objects fast-reid
+# checkpoints hold (SAFE_GLOBALS), never a process-wide allow-list; a checkpointer whose
+# `trusted` attribute is True (REIDZOO.WEIGHTS_ONLY False) unpickles completely.
 # --------------------------------------------------------------------------------------------
 def _fix_checkpoint_load():
     from fastreid.utils import checkpoint
 
     def _load_file(self, f):
-        return torch.load(f, map_location=torch.device("cpu"), weights_only=False)
+        from reidzoo.checkpoint import load_file
+
+        return load_file(f, trusted=bool(getattr(self, "trusted", False)))
 
     ORIGINALS.setdefault("checkpoint_load", checkpoint.Checkpointer._load_file)
     checkpoint.Checkpointer._load_file = _load_file

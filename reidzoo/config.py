@@ -92,6 +92,12 @@ def add_reidzoo_config(cfg):
             "CUSTOM_IMPORTS": [],
             # Loading MODEL.WEIGHTS that do not match the model raises instead of warning.
             "STRICT_LOAD": True,
+            # Checkpoints (MODEL.WEIGHTS, --resume, --checkpoint) and ImageNet weights
+            # (MODEL.BACKBONE.PRETRAIN_PATH) are read with torch.load(weights_only=True) and
+            # reidzoo.checkpoint.SAFE_GLOBALS, so a file cannot run code; a file that needs
+            # other Python objects is refused. False: the files are trusted legacy files,
+            # unpickled completely (weights_only=False, with a warning).
+            "WEIGHTS_ONLY": True,
             # Turn AMP off (with a warning) when the model runs on the CPU.
             "CPU_DISABLE_AMP": True,
             # DDP's find_unused_parameters, for models with branches unused in some steps.
@@ -143,19 +149,25 @@ def setup_cfg(config_file="", opts=(), freeze=True):
     does: custom imports named in the file or the overrides are imported first.
 
     Args:
-        config_file (str): path to a YAML file (may use ``_BASE_``); empty for defaults.
+        config_file (str): path to a YAML file (may use ``_BASE_``), or a registered model name
+            (``demo-bagtricks-synthetic``, ``ianet-market1501``: see
+            :func:`reidzoo.inference.registered_models`); empty for defaults.
         opts (list[str]): flat ``[KEY, VALUE, ...]`` overrides.
         freeze (bool): freeze the result.
     Returns:
         CfgNode
+    Raises:
+        FileNotFoundError: ``config_file`` looks like a path and does not exist.
+        ValueError: ``config_file`` is neither a file nor a registered name (the message lists
+            the names); an odd number of overrides.
+        KeyError: an unknown key in the overrides.
     """
     from reidzoo.plugins import import_custom_modules
 
     opts = list(opts or [])
     if len(opts) % 2:
         raise ValueError(f"config overrides must be KEY VALUE pairs, got an odd list: {opts}")
-    if config_file and not os.path.isfile(config_file):
-        raise FileNotFoundError(f"config file not found: '{config_file}'")
+    config_file = resolve_config_file(config_file)
     import_custom_modules(_custom_imports(config_file, opts))
     cfg = get_cfg()
     if config_file:
@@ -170,6 +182,25 @@ def setup_cfg(config_file="", opts=(), freeze=True):
     if freeze:
         cfg.freeze()
     return cfg
+
+
+def resolve_config_file(spec):
+    """The YAML file of a config file path or a registered model name.
+
+    Args:
+        spec (str | os.PathLike): a file, a name from
+            :func:`reidzoo.inference.registered_models`, or "" (returned as is).
+    Returns:
+        str: the file.
+    Raises:
+        FileNotFoundError, ValueError: see :func:`reidzoo.inference.resolve_config`.
+    """
+    spec = os.fspath(spec or "")
+    if not spec or os.path.isfile(spec):
+        return spec
+    from reidzoo.inference import resolve_config
+
+    return resolve_config(spec)
 
 
 def _custom_imports(config_file, opts):

@@ -2,8 +2,14 @@
 
 Usage::
 
-    python -m reidzoo.export --config-file CFG --output model.onnx [--batch 2] [--opset 17] \\
-        [--tol 1e-4] [KEY VALUE ...]
+    python -m reidzoo.export --config-file CFG_OR_NAME --output model.onnx [--checkpoint PTH] \\
+        [--batch 2] [--opset 17] [--tol 1e-4] [KEY VALUE ...]
+
+``--config-file`` takes a YAML file or a registered model name. The weights are
+``--checkpoint PTH`` or, the same, ``MODEL.WEIGHTS PTH`` (as in ``reidzoo.extract`` and
+``reidzoo.visualize``), loaded by :func:`reidzoo.checkpoint.load_for_inference`: weights-only,
+without ImageNet weights (``MODEL.BACKBONE.PRETRAIN`` is not applied), the classifier sized
+from the checkpoint; neither: random weights, with a warning.
 
 The graph takes ``images``: float32 [N, 3, H, W] with pixel values 0-255 (RGB, the model's
 own normalisation is inside the graph) at ``INPUT.SIZE_TEST``, and returns ``features``:
@@ -209,8 +215,11 @@ def _parser():
         prog="python -m reidzoo.export",
         description="Export a model to ONNX (dynamic batch) and check it with onnxruntime.",
     )
-    p.add_argument("--config-file", default="", metavar="FILE", help="config YAML")
+    p.add_argument(
+        "--config-file", default="", metavar="FILE|NAME", help="config YAML or model name"
+    )
     p.add_argument("--output", required=True, metavar="OUT.onnx", help="ONNX file to write")
+    p.add_argument("--checkpoint", default=None, metavar="PTH", help="weights (MODEL.WEIGHTS)")
     p.add_argument("--batch", type=int, default=2, help="example batch size (default 2)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset version")
     p.add_argument(
@@ -229,12 +238,14 @@ def main(argv=None):
         int: 0 when the graph was written and matches PyTorch, 1 when the parity check failed.
     """
     from reidzoo.config import setup_cfg
+    from reidzoo.inference import checkpoint_opts
     from reidzoo.modeling.build import build_eval_model
 
     args = _parser().parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = setup_cfg(args.config_file, list(args.opts) + ["MODEL.DEVICE", "cpu"])
+    opts = checkpoint_opts(args.checkpoint, args.opts) + ["MODEL.DEVICE", "cpu"]
+    cfg = setup_cfg(args.config_file, opts)
     model = build_eval_model(cfg)
     try:
         result = export_onnx(

@@ -8,13 +8,17 @@ Usage::
     python -m reidzoo.extract --list-models
 
 ``--config-file`` takes a YAML file or a registered model name (``--list-models`` prints them).
-The weights are ``--checkpoint``, else ``MODEL.WEIGHTS``. The ``.npz`` holds ``features``
+The weights are ``--checkpoint PTH`` or, the same, ``MODEL.WEIGHTS PTH`` (as in
+``reidzoo.export`` and ``reidzoo.visualize``), loaded by
+:func:`reidzoo.checkpoint.load_for_inference`: weights-only, without ImageNet weights, the
+classifier sized from the checkpoint. The ``.npz`` holds ``features``
 (float32 [N, D], L2-normalised rows unless ``--no-normalize``), ``names`` (the N file paths, in
 order), and ``config`` (the full config as YAML), ``config_file``, ``checkpoint``,
 ``normalized`` and ``flip``. It is written through a temporary file and ``os.replace``: a failed
 run never leaves a partial file and leaves an existing one untouched. Errors a user can fix (a
-missing or unreadable image, a checkpoint that does not fit the config, an unknown model name)
-are printed as one ``error:`` line with exit status 1.
+missing or unreadable image, a checkpoint that does not fit the config or that needs Python
+objects outside the weights-only allow-list, an unknown model name) are printed as one
+``error:`` line with exit status 1.
 """
 
 import argparse
@@ -128,8 +132,8 @@ def main(argv=None):
     Returns:
         int: 0 on success, 1 on an error a user can fix (printed as ``error: ...``).
     """
-    from reidzoo.checkpoint import CheckpointMismatchError
-    from reidzoo.inference import FeatureExtractor, registered_models
+    from reidzoo.checkpoint import CheckpointMismatchError, UnsafeCheckpointError
+    from reidzoo.inference import FeatureExtractor, checkpoint_opts, registered_models
 
     parser = _parser()
     args = parser.parse_args(argv)
@@ -144,8 +148,7 @@ def main(argv=None):
     try:
         extractor = FeatureExtractor(
             args.config_file,
-            checkpoint=args.checkpoint,
-            opts=args.opts,
+            opts=checkpoint_opts(args.checkpoint, args.opts),
             device=args.device,
             batch_size=args.batch_size,
             flip=args.flip,
@@ -153,7 +156,7 @@ def main(argv=None):
             num_workers=args.num_workers,
         )
         result = extractor.extract(args.input)
-    except (OSError, ValueError, KeyError, CheckpointMismatchError) as e:
+    except (OSError, ValueError, KeyError, CheckpointMismatchError, UnsafeCheckpointError) as e:
         # KeyError's str() is the repr of its message; show the message itself
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {message}", file=sys.stderr, flush=True)

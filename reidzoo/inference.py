@@ -105,6 +105,34 @@ def resolve_config(spec, repo_root=None):
     )
 
 
+def checkpoint_opts(checkpoint, opts=()):
+    """``KEY VALUE`` overrides with a ``--checkpoint`` file as ``MODEL.WEIGHTS``: the one way
+    ``reidzoo.extract``, ``reidzoo.export`` and ``reidzoo.visualize`` take weights.
+
+    ``--checkpoint PTH`` and a ``MODEL.WEIGHTS PTH`` override mean the same; either replaces a
+    ``MODEL.WEIGHTS`` set in the config file (PFE's stage II configs name stage I's result).
+
+    Args:
+        checkpoint (str | os.PathLike | None): the ``--checkpoint`` argument.
+        opts (Sequence[str]): the ``KEY VALUE`` overrides.
+    Returns:
+        list[str]: the overrides, ending in ``MODEL.WEIGHTS <checkpoint>`` when it is given.
+    Raises:
+        ValueError: ``--checkpoint`` and a ``MODEL.WEIGHTS`` override name different files.
+    """
+    opts = list(opts or ())
+    if not checkpoint:
+        return opts
+    checkpoint = os.fspath(checkpoint)
+    for key, value in zip(opts[0::2], opts[1::2]):
+        if key == "MODEL.WEIGHTS" and os.path.abspath(value) != os.path.abspath(checkpoint):
+            raise ValueError(
+                f"--checkpoint '{checkpoint}' and MODEL.WEIGHTS '{value}' name different "
+                "files; give one of them"
+            )
+    return opts + ["MODEL.WEIGHTS", checkpoint]
+
+
 # --------------------------------------------------------------------------------------------
 # Inputs
 # --------------------------------------------------------------------------------------------
@@ -239,12 +267,29 @@ def to_pil(image, name="image"):
     return pil if pil.mode == "RGB" else pil.convert("RGB")
 
 
+class _Unreadable:
+    """An image that could not be read, returned by a loader worker as a value: an exception
+    raised in a worker reaches the caller wrapped in the worker's traceback, where the user
+    needs the one message that names the file."""
+
+    def __init__(self, error):
+        # The message and the base class only: an exception class with its own __init__
+        # arguments (an ImageReadError) does not survive the trip back from a worker.
+        self.kind = next(c for c in (OSError, ValueError, TypeError) if isinstance(error, c))
+        self.message = str(error)
+
+    def error(self):
+        return self.kind(self.message)
+
+
 def _stack(tensors):
-    return torch.stack(tensors, dim=0)
+    failed = next((t for t in tensors if isinstance(t, _Unreadable)), None)
+    return failed if failed is not None else torch.stack(tensors, dim=0)
 
 
 class _ImageList(torch.utils.data.Dataset):
-    """Named images through the test transforms, one ``[3, H, W]`` tensor each."""
+    """Named images through the test transforms, one ``[3, H, W]`` tensor each (or an
+    :class:`_Unreadable` for an image that cannot be read)."""
 
     def __init__(self, items, transforms):
         self.items = items
@@ -255,7 +300,10 @@ class _ImageList(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         name, source = self.items[index]
-        return self.transforms(to_pil(source, name))
+        try:
+            return self.transforms(to_pil(source, name))
+        except (OSError, ValueError, TypeError) as e:  # what to_pil raises, naming the image
+            return _Unreadable(e)
 
 
 # --------------------------------------------------------------------------------------------
@@ -467,7 +515,11 @@ class FeatureExtractor:
             collate_fn=_stack,
         )
         tic = time.perf_counter()
-        chunks = [self.forward(batch) for batch in loader]
+        chunks = []
+        for batch in loader:
+            if isinstance(batch, _Unreadable):
+                raise batch.error()
+            chunks.append(self.forward(batch))
         feats = torch.cat(chunks, dim=0)
         if self.normalize:
             feats = F.normalize(feats, p=2, dim=1)

@@ -160,25 +160,31 @@ def test_registry_error_lists_names():
         META_ARCH_REGISTRY.get("NoSuchArch")
 
 
-def test_fastreid_checkpoint_loads(tmp_path):
+def test_fastreid_checkpoint_loads_weights_only(tmp_path):
     from fastreid.utils.checkpoint import Checkpointer
+
+    from reidzoo.checkpoint import UnsafeCheckpointError
 
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.Adam(model.parameters())
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [3, 5])  # milestones: a Counter
+    data = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": 3}
     path = os.path.join(tmp_path, "x.pth")
-    torch.save(
-        {
-            "model": model.state_dict(),
-            "optimizer": opt.state_dict(),
-            "epoch": 3,
-            "metric": np.float64(0.5),
-        },
-        path,
-    )
-    with pytest.raises(pickle.UnpicklingError, match="weights_only"):
-        torch.load(path, map_location="cpu")  # weights_only=True default refuses numpy scalars
-    out = Checkpointer(torch.nn.Linear(2, 2)).load(path)
-    assert out["epoch"] == 3
+    torch.save({**data, "lr_sched": sched.state_dict(), "metric": 0.5}, path)
+    out = Checkpointer(torch.nn.Linear(2, 2)).load(path)  # fast-reid's own class, patched
+    assert out["epoch"] == 3 and out["lr_sched"]["milestones"] == {3: 1, 5: 1}
+    # torch's default refuses a numpy scalar with a message naming neither file nor way out;
+    # the patched reader names both, and a checkpointer marked trusted loads it
+    legacy = os.path.join(tmp_path, "legacy.pth")
+    torch.save({**data, "metric": np.float64(0.5)}, legacy)
+    with pytest.raises(pickle.UnpicklingError) as info:
+        compat.ORIGINALS["checkpoint_load"](Checkpointer(torch.nn.Linear(2, 2)), legacy)
+    assert "legacy.pth" not in str(info.value)
+    with pytest.raises(UnsafeCheckpointError, match=r"legacy\.pth.*numpy.*WEIGHTS_ONLY False"):
+        Checkpointer(torch.nn.Linear(2, 2)).load(legacy)
+    trusted = Checkpointer(torch.nn.Linear(2, 2))
+    trusted.trusted = True
+    assert trusted.load(legacy)["metric"] == 0.5
 
 
 def test_small_gallery_cmc_is_padded():

@@ -193,3 +193,42 @@ def test_editable_install_imports_from_any_directory(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert os.path.realpath(r.stdout.strip()).startswith(os.path.realpath(REPO))
+
+
+def _shipped_configs():
+    import glob
+
+    patterns = [("configs", "**", "*.yml"), ("projects", "*", "configs", "**", "*.yml")]
+    return sorted(f for p in patterns for f in glob.glob(os.path.join(REPO, *p), recursive=True))
+
+
+def test_fastreid_datasets_reaches_every_shipped_config(tmp_path, monkeypatch):
+    """README: ``DATASETS.ROOT`` (or ``$FASTREID_DATASETS``, else ``./datasets``). A root set in
+    a shipped config would hide the environment variable, so none sets one."""
+    from reidzoo.config import dataset_root
+
+    configs = _shipped_configs()
+    assert len(configs) > 30  # configs/, every paper's leaves, bases and ablations
+    env_root = str(tmp_path / "my_datasets")
+    explicit = str(tmp_path / "explicit")
+    for path in configs:
+        monkeypatch.setenv("FASTREID_DATASETS", env_root)
+        assert dataset_root(setup_cfg(path)) == env_root, path
+        assert dataset_root(setup_cfg(path, ["DATASETS.ROOT", explicit])) == explicit, path
+        monkeypatch.delenv("FASTREID_DATASETS")
+        assert dataset_root(setup_cfg(path)) == "datasets", path
+
+
+def test_setup_cfg_takes_registered_model_names(tmp_path):
+    from reidzoo.inference import registered_models
+
+    names = registered_models()
+    demo = os.path.join(REPO, "configs", "Demo", "bagtricks_R18_synthetic.yml")
+    by_name = setup_cfg("demo-bagtricks-synthetic", ["SOLVER.MAX_EPOCH", "3"])
+    assert by_name.dump() == setup_cfg(demo, ["SOLVER.MAX_EPOCH", "3"]).dump()
+    assert setup_cfg("rmgl-synthetic-ci").MODEL.META_ARCHITECTURE == "RMGL"
+    with pytest.raises(ValueError, match="registered names: .*demo-bagtricks-synthetic") as err:
+        setup_cfg("demo-bagtrick-synthetic")  # a typo: neither a file nor a name
+    assert "'demo-bagtrick-synthetic'" in str(err.value) and len(names) > 20
+    with pytest.raises(FileNotFoundError, match="nowhere/config.yml"):
+        setup_cfg(str(tmp_path / "nowhere" / "config.yml"))

@@ -181,21 +181,51 @@ def test_build_eval_model_loads_weights_and_is_eval(tmp_path, caplog):
         torch.testing.assert_close(other.state_dict()[key], value)
 
 
-def test_build_eval_model_rejects_mismatched_checkpoint(tmp_path):
+def test_build_eval_model_sizes_classifier_from_checkpoint_but_rejects_other_misfits(tmp_path):
     from reidzoo.checkpoint import CheckpointMismatchError
 
     model = build_eval_model(_tiny_cfg())  # NUM_CLASSES 10
     ckpt = tmp_path / "ten.pth"
     torch.save({"model": model.state_dict()}, str(ckpt))
-    cfg = _tiny_cfg("MODEL.HEADS.NUM_CLASSES", "12", "MODEL.WEIGHTS", str(ckpt))
+    # only the classifier differs (12 in the config, 10 in the file): it follows the file
+    other = build_eval_model(_tiny_cfg("MODEL.HEADS.NUM_CLASSES", "12", "MODEL.WEIGHTS", str(ckpt)))
+    assert tuple(other.heads.weight.shape) == (10, 512)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(other.state_dict()[key], value)
+    # another backbone (ResNet-34's extra blocks) is still an error naming the keys
+    deeper = tmp_path / "r34.pth"
+    r34 = build_eval_model(_tiny_cfg("MODEL.BACKBONE.DEPTH", "34x"), load_weights=False)
+    torch.save({"model": r34.state_dict()}, str(deeper))
+    cfg = _tiny_cfg("MODEL.HEADS.NUM_CLASSES", "12", "MODEL.WEIGHTS", str(deeper))
     with pytest.raises(CheckpointMismatchError) as info:
         build_eval_model(cfg)
     message = str(info.value)
-    assert "heads.weight" in message
-    assert "(10, 512)" in message and "(12, 512)" in message
+    assert "r34.pth" in message and "unexpected keys" in message
+    assert "backbone.layer1.2.conv1.weight" in message
 
 
 def test_build_eval_model_missing_weights_file(tmp_path):
     cfg = _tiny_cfg("MODEL.WEIGHTS", str(tmp_path / "nope.pth"))
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         build_eval_model(cfg)
+
+
+def test_trained_weights_need_no_imagenet_weights(tmp_path, tiny_yaml, capsys):
+    """IANet's paper config says PRETRAIN True with an ImageNet file that is not here: with a
+    trained checkpoint given, export (and extract) must not look for it."""
+    from reidzoo.inference import FeatureExtractor
+
+    ckpt = str(tmp_path / "trained.pth")
+    state = build_eval_model(_tiny_cfg(), load_weights=False).state_dict()
+    torch.save({"model": state}, ckpt)
+    imagenet = ["MODEL.BACKBONE.NAME", "build_staged_resnet_backbone",
+                "MODEL.BACKBONE.PRETRAIN", "True",
+                "MODEL.BACKBONE.PRETRAIN_PATH", str(tmp_path / "resnet18-absent.pth")]  # fmt: skip
+    out = str(tmp_path / "model.onnx")
+    with pytest.raises(FileNotFoundError, match="resnet18-absent.pth"):  # no weights: needed
+        export.main(["--config-file", tiny_yaml, "--output", out, *imagenet])
+    assert export.main(["--config-file", tiny_yaml, "--output", out, "--checkpoint", ckpt,
+                        *imagenet]) == 0  # fmt: skip
+    assert PARITY_RE.match(_last_line(capsys.readouterr().out))
+    loaded = FeatureExtractor(tiny_yaml, ckpt, opts=imagenet).model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())

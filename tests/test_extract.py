@@ -2,6 +2,7 @@
 types, flip averaging, the .npz command line, registered names and clear errors."""
 
 import glob
+import logging
 import os
 
 import numpy as np
@@ -287,3 +288,64 @@ def test_clear_errors_for_bad_inputs(setup, extractor, tmp_path):
         extractor.extract(torch.zeros(64, 32, 3, dtype=torch.uint8))  # HWC tensor
     with pytest.raises(TypeError, match="unsupported input type"):
         extractor.extract([3.14])
+
+
+def test_text_file_input_is_one_error_line_even_with_workers(setup, capsys):
+    """README: an unreadable image is one ``error:`` line. With loader workers the reading
+    error happens in another process; it must not arrive as a worker traceback."""
+    notes = os.path.join(setup["images"], "notes.txt")
+    out = setup["tmp"] / "notes.npz"
+    argv = ["--config-file", setup["cfg_file"], "--checkpoint", setup["ckpt"], "--input", notes,
+            "--output", str(out), "--num-workers", "1"]  # fmt: skip
+    assert extract.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: cannot read image file"), err
+    assert "notes.txt" in err[0] and "DataLoader worker" not in err[0]
+    assert not out.exists()
+    fe = FeatureExtractor(setup["cfg"], setup["ckpt"], num_workers=1)
+    with pytest.raises(OSError, match=r"notes\.txt") as info:
+        fe.extract(notes)
+    assert "Traceback" not in str(info.value)
+
+
+def test_classifier_of_a_trained_checkpoint_is_said_once_quietly(setup, tmp_path, caplog):
+    """A trained checkpoint holds a 6-way classifier that the config (NUM_CLASSES 0) does not
+    size: no "Skip loading parameter" warning, one INFO line, and the whole file loads."""
+    trained = setup["cfg"].clone()
+    trained.MODEL.HEADS.NUM_CLASSES = 6
+    ckpt = str(tmp_path / "trained.pth")
+    model = save_model(trained, ckpt, seed=4)
+    argv = ["--config-file", setup["cfg_file"], "--checkpoint", ckpt, "--input",
+            setup["images"], "--output", str(tmp_path / "f.npz")]  # fmt: skip
+    checkpoint_logger = logging.getLogger("fastreid.utils.checkpoint")  # does not propagate
+    checkpoint_logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO):
+            assert extract.main(argv) == 0
+    finally:
+        checkpoint_logger.removeHandler(caplog.handler)
+    messages = [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if "Skip loading" in m], messages
+    said = [r for r in caplog.records if "not needed for features" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelno == logging.INFO
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], messages
+    fe = FeatureExtractor(setup["cfg_file"], ckpt)
+    assert all(torch.equal(v, fe.model.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_checkpoint_argument_and_model_weights_are_the_same(setup, tmp_path):
+    from reidzoo.inference import checkpoint_opts
+
+    ckpt = setup["ckpt"]
+    assert checkpoint_opts(None, ["A", "1"]) == ["A", "1"]
+    assert checkpoint_opts(ckpt, ["MODEL.WEIGHTS", ckpt])[-2:] == ["MODEL.WEIGHTS", ckpt]
+    with pytest.raises(ValueError, match="different files"):
+        checkpoint_opts(ckpt, ["MODEL.WEIGHTS", str(tmp_path / "other.pth")])
+    images = _image_files(setup["images"])[:2]
+    base = ["--config-file", setup["cfg_file"], "--input", images[0], "--input", images[1]]
+    a_file, b_file = str(tmp_path / "a.npz"), str(tmp_path / "b.npz")
+    assert extract.main(base + ["--checkpoint", ckpt, "--output", a_file]) == 0
+    assert extract.main(base + ["--output", b_file, "MODEL.WEIGHTS", ckpt]) == 0
+    a, b = extract.load_features(a_file), extract.load_features(b_file)
+    np.testing.assert_array_equal(a["features"], b["features"])
+    assert a["checkpoint"] == b["checkpoint"] == ckpt

@@ -9,7 +9,7 @@ from fastreid.engine import launch as _fastreid_launch
 from fastreid.utils import comm
 from fastreid.utils.env import seed_all_rng
 
-from reidzoo.checkpoint import atomic_write, load_weights
+from reidzoo.checkpoint import atomic_write, load_for_inference
 from reidzoo.config import setup_cfg
 from reidzoo.engine.run_folder import protect_run_folder
 
@@ -105,12 +105,11 @@ def main(args, trainer_cls=None):
     trainer_cls = trainer_cls or ReidTrainer
     cfg = setup(args)
     if args.eval_only:
-        cfg.defrost()
-        cfg.MODEL.BACKBONE.PRETRAIN = False
-        model = trainer_cls.build_model(cfg)
         if not cfg.MODEL.WEIGHTS:
             raise ValueError("--eval-only needs MODEL.WEIGHTS (a checkpoint to evaluate)")
-        load_weights(model, cfg.MODEL.WEIGHTS, strict=cfg.REIDZOO.STRICT_LOAD)
+        # The inference rule of every tool: weights-only read, no ImageNet weights, the
+        # classifier sized from the checkpoint, any other misfit an error.
+        model, cfg = load_for_inference(cfg, trainer_cls.build_model)
         results = trainer_cls.test(cfg, model)
         write_results(cfg, results, "results_eval.json")
         return results

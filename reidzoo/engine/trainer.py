@@ -122,6 +122,7 @@ class ReidTrainer(DefaultTrainer):
             cfg.OUTPUT_DIR,
             save_to_disk=comm.is_main_process(),
             strict=cfg.REIDZOO.STRICT_LOAD,
+            trusted=not cfg.REIDZOO.WEIGHTS_ONLY,  # --resume and MODEL.WEIGHTS
             **checkpointables,
         )
         self.start_epoch = 0

@@ -9,7 +9,6 @@ each stage, so no paper re-implements ResNet.
 import logging
 import os
 
-import torch
 from fastreid.modeling.backbones.resnet import BasicBlock, Bottleneck, ResNet
 from torch import nn
 
@@ -173,15 +172,25 @@ class StagedResNet(ResNet):
         return self.forward_stages(x, ("layer4",))["layer4"]
 
 
-def load_pretrained(model, path):
+def load_pretrained(model, path, trusted=False):
     """Load ImageNet weights (torchvision or fast-reid key names) from a local file.
+
+    The file is read by :func:`reidzoo.checkpoint.load_file`: weights only, so that it cannot
+    run code, unless ``trusted``.
 
     Args:
         model (nn.Module): a :class:`StagedResNet` (or fast-reid ResNet).
         path (str): ``MODEL.BACKBONE.PRETRAIN_PATH``.
+        trusted (bool): unpickle the file completely (``REIDZOO.WEIGHTS_ONLY False``).
     Returns:
         dict: ``{"loaded": [...], "missing": [...], "unexpected": [...]}`` key lists.
+    Raises:
+        FileNotFoundError: no path, or no such file.
+        reidzoo.checkpoint.UnsafeCheckpointError: the file needs Python objects outside the
+            weights-only allow-list.
     """
+    from reidzoo.checkpoint import load_file
+
     if not path:
         raise FileNotFoundError(
             "MODEL.BACKBONE.PRETRAIN is True but MODEL.BACKBONE.PRETRAIN_PATH is empty: no "
@@ -192,7 +201,7 @@ def load_pretrained(model, path):
         raise FileNotFoundError(
             f"MODEL.BACKBONE.PRETRAIN_PATH: ImageNet weights file not found: '{path}'"
         )
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_file(path, trusted=trusted, what="MODEL.BACKBONE.PRETRAIN_PATH")
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
@@ -245,11 +254,14 @@ def parse_inserts(cfg, channels):
 
 def build_staged_resnet(cfg):
     """A :class:`StagedResNet` from ``cfg.MODEL.BACKBONE`` (DEPTH, LAST_STRIDE, NORM,
-    WITH_IBN/SE/NL, PRETRAIN, PRETRAIN_PATH, INSERTS)."""
+    WITH_IBN/SE/NL, PRETRAIN, PRETRAIN_PATH, INSERTS; ``REIDZOO.WEIGHTS_ONLY`` for reading
+    PRETRAIN_PATH)."""
+    from reidzoo.checkpoint import trusted_from_cfg
+
     bb = cfg.MODEL.BACKBONE
     model = StagedResNet(bb.LAST_STRIDE, bb.NORM, bb.WITH_IBN, bb.WITH_SE, bb.WITH_NL, bb.DEPTH)
     if bb.PRETRAIN:
-        load_pretrained(model, bb.PRETRAIN_PATH)
+        load_pretrained(model, bb.PRETRAIN_PATH, trusted=trusted_from_cfg(cfg))
     # Inserted modules are new: created after the ImageNet weights so that they keep their
     # own initialisation (e.g. zero-initialised residual BN making them the identity).
     for stage, module in parse_inserts(cfg, model.channels).items():

@@ -11,10 +11,10 @@ def build_eval_model(cfg, load_weights=True):
     """Build the model described by ``cfg``, load ``MODEL.WEIGHTS`` and put it in eval mode.
 
     Plugins (entry points and ``REIDZOO.CUSTOM_IMPORTS``) are imported first, so that the
-    meta-architectures, backbones and heads they register can be built. When ``MODEL.WEIGHTS``
-    is set and ``REIDZOO.STRICT_LOAD`` is True every weight is overwritten by the checkpoint,
-    so ImageNet initialisation (``MODEL.BACKBONE.PRETRAIN``) is skipped: it would be thrown
-    away, and it may not be available offline.
+    meta-architectures, backbones and heads they register can be built. ``MODEL.WEIGHTS`` is
+    loaded by :func:`reidzoo.checkpoint.load_for_inference`, the rule of every inference tool:
+    read weights-only, no ImageNet initialisation, the classifier sized from the checkpoint
+    (a config's ``MODEL.HEADS.NUM_CLASSES 0`` is not a mismatch), any other misfit an error.
 
     Args:
         cfg (CfgNode): a full reidzoo config (frozen or not; it is not modified).
@@ -27,30 +27,25 @@ def build_eval_model(cfg, load_weights=True):
         FileNotFoundError: ``MODEL.WEIGHTS`` names a file that does not exist.
         reidzoo.checkpoint.CheckpointMismatchError: the checkpoint does not fit the model and
             ``REIDZOO.STRICT_LOAD`` is True.
+        reidzoo.checkpoint.UnsafeCheckpointError: the file needs Python objects outside the
+            weights-only allow-list (and ``REIDZOO.WEIGHTS_ONLY`` is True).
     """
     from fastreid.modeling.meta_arch import build_model
 
-    from reidzoo.checkpoint import load_weights as _load_weights
+    from reidzoo.checkpoint import load_for_inference
     from reidzoo.plugins import import_custom_modules, load_plugins
 
     load_plugins()
     reidzoo_node = cfg.get("REIDZOO", None)
     if reidzoo_node is not None:
         import_custom_modules(reidzoo_node.get("CUSTOM_IMPORTS", []) or [])
-    strict = bool(reidzoo_node.get("STRICT_LOAD", True)) if reidzoo_node is not None else True
     weights = cfg.MODEL.WEIGHTS if load_weights else ""
-
-    if weights and strict and cfg.MODEL.BACKBONE.PRETRAIN:
-        cfg = cfg.clone()
-        cfg.defrost()
-        cfg.MODEL.BACKBONE.PRETRAIN = False
-        cfg.freeze()
-
-    model = build_model(cfg)
     if weights:
-        _load_weights(model, weights, strict=strict)
+        model, _ = load_for_inference(cfg, build_model)
         logger.info("loaded weights from %s", weights)
-    elif load_weights:
+        return model.eval()
+    model = build_model(cfg)
+    if load_weights:
         logger.warning(
             "MODEL.WEIGHTS is empty: the model has random (or ImageNet-initialised) weights; "
             "its outputs are meaningless for re-identification"

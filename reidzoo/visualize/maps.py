@@ -7,12 +7,15 @@ Usage::
         [--channels C ...] [--producer NAME ...] [--alpha A] [--scale S] [--cmap NAME] \\
         [--batch B] [KEY VALUE ...]
 
-The model is built from the config (``reidzoo.config.setup_cfg``, plugins included) with
-``reidzoo.modeling.build.build_eval_model``, which loads ``--checkpoint`` (else
-``MODEL.WEIGHTS``; neither: random initialisation, with a warning) exactly as ``train_net.py
---eval-only`` and ``reidzoo.export`` do. Every image goes through the model's test
-preprocessing (fast-reid's test transforms plus registered ones: resize to
-``INPUT.SIZE_TEST``, float 0-255), the producers registered in
+The model is built from the config (a file or a registered model name;
+``reidzoo.config.setup_cfg``, plugins included) with
+``reidzoo.modeling.build.build_eval_model``, which loads ``--checkpoint PTH`` or, the same,
+``MODEL.WEIGHTS PTH`` (neither: random initialisation, with a warning) exactly as
+``train_net.py --eval-only``, ``reidzoo.extract`` and ``reidzoo.export`` do
+(:func:`reidzoo.checkpoint.load_for_inference`: weights-only, no ImageNet weights, the
+classifier sized from the checkpoint, which PMM's Grad-CAM maps need). Every image goes
+through the model's test preprocessing (fast-reid's test transforms plus registered ones:
+resize to ``INPUT.SIZE_TEST``, float 0-255), the producers registered in
 :data:`reidzoo.visualize.overlay.MAP_REGISTRY` that match the model compute their maps, and
 one PNG per image and map kind is written atomically to
 ``DIR/<image>_<producer>_<kind>.png``: the network input, then each map blended onto it.
@@ -246,12 +249,11 @@ def run(args):
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    opts = list(args.opts)
-    if args.checkpoint:
-        if not os.path.isfile(args.checkpoint):
-            raise FileNotFoundError(f"--checkpoint not found: '{args.checkpoint}'")
-        opts += ["MODEL.WEIGHTS", args.checkpoint]
-    cfg = setup_cfg(args.config_file, opts, freeze=False)
+    from reidzoo.inference import checkpoint_opts
+
+    if args.checkpoint and not os.path.isfile(args.checkpoint):
+        raise FileNotFoundError(f"--checkpoint not found: '{args.checkpoint}'")
+    cfg = setup_cfg(args.config_file, checkpoint_opts(args.checkpoint, args.opts), freeze=False)
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         logger.warning("MODEL.DEVICE %s: no CUDA device here, using the CPU", cfg.MODEL.DEVICE)
         cfg.MODEL.DEVICE = "cpu"

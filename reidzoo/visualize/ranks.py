@@ -474,22 +474,22 @@ def main_from_args(args):
     """
     import sys
 
-    from reidzoo.checkpoint import CheckpointMismatchError
+    from reidzoo.checkpoint import CheckpointMismatchError, UnsafeCheckpointError
+    from reidzoo.inference import checkpoint_opts
 
     try:
         run(
             args.config_file,
             args.output,
-            checkpoint=args.checkpoint,
             features=args.features,
-            opts=args.opts,
+            opts=checkpoint_opts(args.checkpoint, args.opts),
             num_queries=args.num_queries,
             topk=args.topk,
             datasets=args.dataset,
             layout=RankLayout(cell_size=tuple(args.cell_size)),
             device=args.device,
         )
-    except (OSError, ValueError, KeyError, CheckpointMismatchError) as e:
+    except (OSError, ValueError, KeyError, CheckpointMismatchError, UnsafeCheckpointError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {message}", file=sys.stderr, flush=True)
         return 1
