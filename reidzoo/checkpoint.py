@@ -246,7 +246,8 @@ class Checkpointer(_Checkpointer):
         save_file = os.path.join(self.save_dir, basename)
         self.logger.info("Saving checkpoint to %s", save_file)
         atomic_write(save_file, lambda f: torch.save(data, f))
-        self.tag_last_checkpoint(basename)
+        if name != "model_best":  # a copy of an earlier state: resume continues from the latest
+            self.tag_last_checkpoint(basename)
 
     def tag_last_checkpoint(self, last_filename_basename):
         atomic_write(

@@ -200,9 +200,9 @@ class ReidTrainer(DefaultTrainer):
         (main process), or None when a resumed run was already finished."""
         if self.finished_checkpoint is not None:
             logger.warning(
-                "Nothing to resume: the run in %s is finished (%s holds epoch %d of "
-                "SOLVER.MAX_EPOCH/MAX_ITER %d). Evaluate it with --eval-only MODEL.WEIGHTS %s, "
-                "or raise the number of epochs to train on.",
+                "Nothing to resume: the run in %s is finished (%s: %d of %d epochs, or "
+                "iterations in MAX_ITER mode, trained). Evaluate it with --eval-only "
+                "MODEL.WEIGHTS %s, or raise SOLVER.MAX_EPOCH/MAX_ITER to train on.",
                 os.path.abspath(self.cfg.OUTPUT_DIR),
                 self.finished_checkpoint,
                 self.start_epoch,
