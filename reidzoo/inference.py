@@ -223,10 +223,11 @@ def _pixels_to_uint8(array, what):
 def to_pil(image, name="image"):
     """An RGB ``PIL.Image`` from a path or an in-memory image.
 
-    Files are read with fast-reid's ``read_image`` (EXIF orientation applied; an unreadable
-    file raises an error naming it), exactly as the test data loader does. Arrays are
+    Files are read with :func:`reidzoo.data.images.read_image` (EXIF orientation applied; an
+    unreadable file raises an error naming it), exactly as the data loaders do. Arrays are
     ``[H, W]``, ``[H, W, 1|3|4]`` (RGB order); tensors are ``[1|3|4, H, W]``; both hold whole
-    0-255 values (any dtype). Other modes are converted to RGB.
+    0-255 values (any dtype). PIL images of other modes (16-bit, alpha, palette, ...) are
+    converted by the same rules as files.
 
     Args:
         image (str | os.PathLike | PIL.Image.Image | np.ndarray | Tensor)
@@ -237,7 +238,7 @@ def to_pil(image, name="image"):
         OSError: an unreadable image file (the message names it).
         TypeError, ValueError: an unsupported type, shape or pixel range (named).
     """
-    from reidzoo.data.images import read_image
+    from reidzoo.data.images import read_image, to_rgb
 
     if isinstance(image, (str, os.PathLike)):
         pil = read_image(image)  # the data loaders' reader: same pixels; errors name the file
@@ -264,7 +265,7 @@ def to_pil(image, name="image"):
             f"{name}: unsupported input type {type(image).__name__}; expected a path, "
             "PIL.Image, numpy array or torch.Tensor"
         )
-    return pil if pil.mode == "RGB" else pil.convert("RGB")
+    return to_rgb(pil, name)
 
 
 class _Unreadable:

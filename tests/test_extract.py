@@ -349,3 +349,21 @@ def test_checkpoint_argument_and_model_weights_are_the_same(setup, tmp_path):
     a, b = extract.load_features(a_file), extract.load_features(b_file)
     np.testing.assert_array_equal(a["features"], b["features"])
     assert a["checkpoint"] == b["checkpoint"] == ckpt
+
+
+def test_in_memory_16bit_image_is_converted_as_a_file_would_be(tmp_path):
+    """A 16-bit PIL image passed in memory gets the readers' high-byte rule, not clipping."""
+    import numpy as np
+    from PIL import Image
+
+    from reidzoo.data.images import read_image
+    from reidzoo.inference import to_pil
+
+    values = np.array([[0, 256, 32768, 65535]], dtype=np.uint16)
+    img = Image.fromarray(values)  # mode I;16
+    path = tmp_path / "deep.png"
+    img.save(path)
+    from_file = np.asarray(read_image(str(path)))
+    in_memory = np.asarray(to_pil(Image.open(path)))
+    assert in_memory.tolist() == from_file.tolist()
+    assert in_memory[0, :, 0].tolist() == [0, 1, 128, 255]
