@@ -180,6 +180,30 @@ class CheckpointMismatchError(RuntimeError):
     """A checkpoint's weights do not fit the model built from the config."""
 
 
+LoadReport = collections.namedtuple("LoadReport", "source missing unexpected shapes")
+LoadReport.__doc__ = """What one load put into a model, given to ``model.check_loaded(report)``.
+
+A model whose training needs some weights from a checkpoint (PFE's frozen stage-II main branch)
+defines ``check_loaded`` and raises there; the :class:`Checkpointer` calls it after every load
+(``MODEL.WEIGHTS``, ``--resume``, :func:`load_for_inference`) and when nothing is loaded (an
+empty ``MODEL.WEIGHTS`` in a new run: ``source`` is "" and every key is missing).
+
+Fields:
+    source (str): the file, "" when nothing was loaded.
+    missing (tuple[str]): model keys the file does not hold.
+    unexpected (tuple[str]): file keys the model does not have.
+    shapes (tuple[tuple[str, tuple, tuple]]): (key, file shape, model shape) of the keys left
+        at their initial value because their shapes differ.
+"""
+
+
+def _report_loaded(model, report):
+    """Call ``model.check_loaded(report)`` when the model defines it."""
+    check = getattr(model, "check_loaded", None)
+    if callable(check):
+        check(report)
+
+
 def check_compatible(model_state, ckpt_state, source):
     """Raise :class:`CheckpointMismatchError` listing what does not match.
 
@@ -260,6 +284,9 @@ class Checkpointer(_Checkpointer):
         if path and not os.path.isfile(path):
             raise FileNotFoundError(f"checkpoint not found: '{path}' (MODEL.WEIGHTS)")
         self._source = path
+        if not path:  # nothing to load: a model that needs weights refuses before any step
+            own = tuple(self.model.state_dict())
+            _report_loaded(self.model, LoadReport("", own, (), ()))
         return super().load(path, checkpointables)
 
     def _load_file(self, f):
@@ -291,7 +318,18 @@ class Checkpointer(_Checkpointer):
                 state, collections.OrderedDict((k, v) for k, v in state.items() if k not in empty)
             )
         checkpoint["model"] = state
-        return super()._load_model(checkpoint)
+        incompatible = super()._load_model(checkpoint)
+        reshaped = {k for k, _, _ in incompatible.incorrect_shapes}
+        _report_loaded(
+            self.model,
+            LoadReport(
+                source,
+                tuple(k for k in incompatible.missing_keys if k not in reshaped),
+                tuple(incompatible.unexpected_keys),
+                tuple(incompatible.incorrect_shapes),
+            ),
+        )
+        return incompatible
 
 
 def _unprefixed(key):

@@ -320,9 +320,20 @@ class ReidTrainer(DefaultTrainer):
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_dir=None):
         """Test loader and the evaluator named by ``TEST.EVALUATOR`` (fast-reid's
-        ``ReidEvaluator`` by default, or reidzoo's memory-bounded ``ChunkedReidEvaluator``)."""
+        ``ReidEvaluator`` by default, or reidzoo's memory-bounded ``ChunkedReidEvaluator``).
+
+        A meta-architecture class with a ``build_evaluator(cfg, make_evaluator)`` classmethod
+        builds the evaluator itself from ``make_evaluator()`` (a new ``TEST.EVALUATOR``
+        evaluator per call), e.g. to rank parts of its feature too (PFE stage II)."""
         from reidzoo.evaluation import build_reid_evaluator
+        from reidzoo.registry import META_ARCH_REGISTRY
 
         data_loader, num_query = cls.build_test_loader(cfg, dataset_name)
         num_gallery = len(data_loader.dataset) - num_query
-        return data_loader, build_reid_evaluator(cfg, num_query, num_gallery, output_dir)
+
+        def make_evaluator():
+            return build_reid_evaluator(cfg, num_query, num_gallery, output_dir)
+
+        arch = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
+        build = getattr(arch, "build_evaluator", None)
+        return data_loader, build(cfg, make_evaluator) if build is not None else make_evaluator()

@@ -53,6 +53,15 @@ def add_pfe_config(cfg):
             # w_ro of Eq. 9 for the region-overlap loss L_ro of Eq. 8 (§V-B: 0.001; 0 = off,
             # as in Tables II and III).
             "RO_WEIGHT": 0.001,
+            # Pixel reduction of L_ro (Eq. 8): "sum" = the L1 norm of the product map over
+            # A_2's H x W positions, as the text writes it ("| . |_1 computes the L-1 norm");
+            # "mean" = that sum / (H_2 * W_2), independent of the input size. Either way
+            # averaged over the batch. README "Region-overlap loss: sum or mean".
+            "RO_REDUCTION": "sum",
+            # Stage II evaluation also ranks F_5 alone ("F5/" metrics, stage I's feature) and
+            # [F_2, F_3, F_4] alone ("side/" metrics) next to the test feature [F_2..F_5]
+            # (unprefixed metrics). False ranks the test feature only.
+            "EVAL_GROUPS": True,
             # Test feature [F_2, F_3, F_4, F_5] (Eq. 5) taken "after" the BN before each
             # classifier (spec §3.1 decision) or "before" it.
             "TEST_FEAT": "after",

@@ -63,19 +63,33 @@ def uniform_loss(side_feats, top_feat, classifier, targets, eps=0.0, alpha=0.2):
     return cross_entropy_loss(classifier(fused), targets, eps, alpha)
 
 
-def region_overlap_loss(acts):
+RO_REDUCTIONS = ("sum", "mean")
+
+
+def region_overlap_loss(acts, reduction="sum"):
     """Eq. 8: L_ro = |A_2 * A_3 * ... * A_S|_1, every A_s resized (bilinear) to A_2's
-    resolution; summed over pixels, averaged over the batch.
+    resolution; summed over pixels (the L1 norm) or averaged over them, averaged over the batch.
+
+    With ``"sum"`` the loss, and its gradient on the side branches, grows with A_2's number of
+    positions (H_2 * W_2: layer1 at stride 4 has 1/16 of the input's pixels, 4,608 at
+    384x192); ``"mean"`` divides it by H_2 * W_2.
 
     Args:
         acts (list[Tensor]): A_2..A_S, each [N, H_s, W_s] (non-negative), shallowest first.
+        reduction (str): "sum" (the paper's L1 norm) or "mean" over the H_2 x W_2 positions.
     Returns:
         Tensor: scalar.
+    Raises:
+        ValueError: unknown ``reduction``.
     """
+    if reduction not in RO_REDUCTIONS:
+        raise ValueError(f"MODEL.PFE.RO_REDUCTION={reduction!r}; expected one of {RO_REDUCTIONS}")
     size = acts[0].shape[-2:]
     prod = acts[0]
     for a in acts[1:]:
         if tuple(a.shape[-2:]) != tuple(size):
             a = F.interpolate(a[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
         prod = prod * a
-    return prod.abs().flatten(1).sum(dim=1).mean()
+    flat = prod.abs().flatten(1)
+    per_sample = flat.sum(dim=1) if reduction == "sum" else flat.mean(dim=1)
+    return per_sample.mean()

@@ -8,15 +8,20 @@ classifier, trained with the cascade loss (Eq. 7) and the region-overlap loss (E
 the main branch is frozen, BatchNorm statistics included.
 """
 
+import logging
+
 import torch
 from fastreid.modeling.backbones import build_backbone
 from fastreid.modeling.losses import cross_entropy_loss, triplet_loss
 from torch import nn
 
+from reidzoo.checkpoint import CheckpointMismatchError
 from reidzoo.modeling import STAGES, ReidMetaArch
 from reidzoo.registry import META_ARCH_REGISTRY
 
+from .evaluation import FeatureGroupsEvaluator
 from .losses import (
+    RO_REDUCTIONS,
     SIDE_LOSSES,
     cascade_loss,
     independent_loss,
@@ -24,6 +29,19 @@ from .losses import (
     uniform_loss,
 )
 from .modules import MFA
+
+logger = logging.getLogger(__name__)
+
+#: state-dict prefixes of the main branch that stage II's features depend on (F_5's classifier,
+#: ``heads.main_fc``, is unused while the main branch is frozen).
+MAIN_PREFIXES = ("backbone.", "heads.main_neck.")
+
+
+def _some(keys, limit=4):
+    """``keys`` for a message: the first ``limit``, then how many there are."""
+    keys = list(keys)
+    more = f", ... ({len(keys)} in all)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
 
 
 def bnneck(dim):
@@ -104,6 +122,11 @@ class PFE(ReidMetaArch):
             raise ValueError(f"MODEL.PFE.SIDE_LOSS={p.SIDE_LOSS!r}; expected one of {SIDE_LOSSES}")
         if p.TEST_FEAT not in ("after", "before"):
             raise ValueError(f"MODEL.PFE.TEST_FEAT={p.TEST_FEAT!r}; expected 'after' or 'before'")
+        if p.RO_REDUCTION not in RO_REDUCTIONS:
+            raise ValueError(
+                f"MODEL.PFE.RO_REDUCTION={p.RO_REDUCTION!r}; expected one of {RO_REDUCTIONS}"
+            )
+        self.ro_reduction = str(p.RO_REDUCTION)
         self.side_loss = str(p.SIDE_LOSS)
         self.temperatures = [float(t) for t in p.TEMPERATURES]
         self.ro_weight = float(p.RO_WEIGHT)
@@ -133,6 +156,97 @@ class PFE(ReidMetaArch):
     def main_modules(self):
         """list[nn.Module]: the main branch (backbone with its TSAMs, F_5's BN and FC)."""
         return [self.backbone] + self.heads.main_modules()
+
+    @classmethod
+    def build_evaluator(cls, cfg, make_evaluator):
+        """The evaluator of a PFE config (the trainer's hook, ``ReidTrainer.build_evaluator``).
+
+        Stage II with ``MODEL.PFE.EVAL_GROUPS`` ranks the test feature [F_2, .., F_5]
+        (unprefixed metrics), F_5 alone (``F5/``) and [F_2, F_3, F_4] alone (``side/``) in one
+        pass (:class:`FeatureGroupsEvaluator`); otherwise the test feature only.
+
+        Args:
+            cfg (CfgNode)
+            make_evaluator (callable): a new ``TEST.EVALUATOR`` evaluator per call.
+        Returns:
+            DatasetEvaluator
+        """
+        p = cfg.MODEL.PFE
+        if int(p.STAGE) != 2 or not bool(p.EVAL_GROUPS):
+            return make_evaluator()
+        return FeatureGroupsEvaluator(make_evaluator, int(p.SIDE_DIM) * (len(STAGES) - 1))
+
+    def check_loaded(self, report):
+        """Refuse a frozen stage-II main branch that the checkpoint did not fully provide.
+
+        Called by reidzoo's ``Checkpointer`` after every load and when nothing is loaded
+        (``MODEL.WEIGHTS`` ""). With the main branch frozen (stage II, ``FREEZE_MAIN``), every
+        main-branch tensor (backbone with its TSAMs, F_5's BN: :data:`MAIN_PREFIXES`) must come
+        from the file with its shape, and the file must hold no other main-branch tensor (a
+        stage-I model of another TSAM setting); else the side branches would train on a
+        random, frozen main branch. Side-branch tensors may be absent (they are new in stage
+        II) and keep their initialisation; F_5's classifier is not checked (unused).
+
+        Args:
+            report (reidzoo.checkpoint.LoadReport): what the load put into the model.
+        Raises:
+            CheckpointMismatchError: main-branch tensors missing, reshaped or unexpected; the
+                message lists them.
+        """
+        if not self.frozen:
+            return
+        own = self.state_dict()
+        main = [k for k in own if k.startswith(MAIN_PREFIXES)]
+        reshaped = {k: (a, b) for k, a, b in report.shapes}
+        missing = sorted(k for k in report.missing if k.startswith(MAIN_PREFIXES))
+        shapes = sorted(
+            f"{k}: checkpoint {tuple(a)} vs model {tuple(b)}"
+            for k, (a, b) in reshaped.items()
+            if k.startswith(MAIN_PREFIXES)
+        )
+        unexpected = sorted(k for k in report.unexpected if k.startswith(MAIN_PREFIXES))
+        fix = (
+            "Stage II (MODEL.PFE.STAGE 2, FREEZE_MAIN True) trains the side branches on the "
+            "frozen main branch of a stage-I model: set MODEL.WEIGHTS to stage I's "
+            "model_final.pth, trained with the same MODEL.BACKBONE and TSAM settings "
+            "(MODEL.BACKBONE.INSERTS, MODEL.PFE.TSAM_*), or set MODEL.PFE.FREEZE_MAIN False "
+            "to train the main branch too."
+        )
+        if not report.source:
+            raise CheckpointMismatchError(
+                f"MODEL.WEIGHTS is empty: the frozen main branch ({len(main)} tensors: "
+                f"{_some(main)}) would keep its random initialisation. {fix}"
+            )
+        if missing or shapes or unexpected:
+            parts = [
+                f"\n  {title} ({len(items)}): {_some(items, 20)}"
+                for title, items in (
+                    ("missing main-branch keys", missing),
+                    ("main-branch shape mismatches", shapes),
+                    ("unexpected main-branch keys", unexpected),
+                )
+                if items
+            ]
+            raise CheckpointMismatchError(
+                f"checkpoint '{report.source}' does not provide PFE's frozen main branch "
+                f"exactly ({len(main)} tensors){''.join(parts)}\n  {fix}"
+            )
+        not_main = MAIN_PREFIXES + ("heads.main_fc.",)
+        side = sorted(k for k in set(report.missing) | set(reshaped) if not k.startswith(not_main))
+        if side:
+            # none of the side branches in the file (a stage-I model): expected; only some of
+            # them (a stage-II model of other side settings): worth a warning
+            whole = len(side) == sum(not k.startswith(not_main) for k in own)
+            (logger.info if whole else logger.warning)(
+                "'%s': main branch loaded (%d tensors); %d side-branch tensors (%s) %s and keep "
+                "their initialisation: right at the start of stage II; when evaluating, only "
+                "the F5/ metrics then describe a trained feature",
+                report.source,
+                len(main),
+                len(side),
+                _some(side),
+                "are not in the checkpoint" if whole else "are missing from it or reshaped",
+            )
 
     def train(self, mode=True):
         """Set the mode; a frozen main branch stays in eval mode (BN statistics fixed).
@@ -225,5 +339,6 @@ class PFE(ReidMetaArch):
                 for i, term in enumerate(terms):
                     losses[f"loss_{self.side_loss}_s{2 + i}"] = term  # F_2, F_3, F_4
             if self.ro_weight > 0:
-                losses["loss_ro"] = self.ro_weight * region_overlap_loss(out["acts"])
+                l_ro = region_overlap_loss(out["acts"], self.ro_reduction)
+                losses["loss_ro"] = self.ro_weight * l_ro
         return losses
