@@ -18,10 +18,73 @@ def _py(code):
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
 
 
-def test_all_fixes_applied_once():
+def _in_force():
+    """Where each fix lives: fix name -> the object fast-reid uses now (for the two import-time
+    fixes, whether the alias is in place)."""
+    import collections
+    import collections.abc
+    import importlib
+
+    from fastreid.data import common, data_utils
+    from fastreid.data.transforms import build as tbuild
+    from fastreid.evaluation import rank, reid_evaluation
+    from fastreid.modeling.backbones import resnet
+    from fastreid.modeling.losses import cross_entroy_loss
+    from fastreid.modeling.meta_arch import baseline, mgn
+    from fastreid.solver import build as solver_build
+    from fastreid.utils import checkpoint, compute_dist, events
+    from fastreid.utils.registry import Registry
+
+    six = sys.modules.get("torch._six")
+    assert common.read_image is data_utils.read_image  # both names fast-reid reads through
+    assert mgn.MGN.preprocess_image is baseline.Baseline.preprocess_image
+    return {
+        "torch_six": six is not None and six.string_classes == (str, bytes),
+        "collections_abc": collections.Mapping is collections.abc.Mapping,
+        "dataloader_cpu": data_utils.DataLoaderX.__init__,
+        "optimizer_contiguous": solver_build.build_optimizer.__defaults__,
+        "cython_rank": reid_evaluation.ReidEvaluator._compile_dependencies,
+        "rerank_cpu": compute_dist.compute_jaccard_distance,
+        "baseline_inplace": baseline.Baseline.preprocess_image,
+        "random_affine": tbuild.T,
+        "read_image": data_utils.read_image,
+        "pretrained_download": resnet.init_pretrained_weights,
+        "launch_gloo": importlib.import_module("fastreid.engine.launch")._distributed_worker,
+        "checkpoint_load": checkpoint.Checkpointer._load_file,
+        "event_storage": cross_entroy_loss.get_event_storage,
+        "registry_names": Registry.get,
+        "small_gallery_cmc": rank.evaluate_rank,
+        "printer_same_iter": events.CommonMetricPrinter.write,
+    }
+
+
+def test_every_fix_in_force_and_applying_again_wraps_nothing_twice(monkeypatch):
+    """Each fix named in FIXES has replaced what fast-reid had (the object in use is not the
+    one kept in ORIGINALS), and a second application changes neither ORIGINALS (which must keep
+    fast-reid's own objects, or the "without the fix" tests would test the fix) nor wraps a
+    wrapper again."""
+    import_time = {"torch_six", "collections_abc"}  # shown by test_import_time_fixes
+    now = _in_force()
+    assert set(now) == set(compat.FIXES), "a fix without a check here, or a check without a fix"
+    assert set(compat.ORIGINALS) == set(compat.FIXES) - import_time
+    assert all(now[name] is True for name in import_time)
+    for name, original in compat.ORIGINALS.items():
+        assert now[name] is not original and now[name] != original, f"{name} not in force"
+        assert not getattr(original, "_reidzoo_patched", False), f"ORIGINALS[{name}] is ours"
+    originals = dict(compat.ORIGINALS)
+
+    monkeypatch.setattr(compat, "_APPLIED", False)  # as if reidzoo were imported afresh
     assert compat.apply() == compat.FIXES
-    assert compat.apply() == compat.FIXES  # idempotent
-    assert set(compat.ORIGINALS) <= set(compat.FIXES)
+    again = _in_force()
+    for name in compat.FIXES:
+        assert compat.ORIGINALS.get(name) is originals.get(name), f"ORIGINALS[{name}] replaced"
+        before, after = now[name], again[name]
+        if hasattr(after, "__wrapped__"):  # a wrapper: still the one, around fast-reid's object
+            assert after is before and after.__wrapped__ is originals[name], name
+        elif callable(after):  # a replacement: the same code again, not a wrapper of itself
+            assert after.__code__ is before.__code__, name
+        else:
+            assert after is before or after == before, name
 
 
 def test_import_time_fixes():
@@ -141,6 +204,47 @@ def test_pretrained_without_path_is_a_clear_error():
         build_resnet_backbone(cfg)
 
 
+def test_stock_pretrained_weights_try_to_download(tmp_path, monkeypatch):
+    """Without the fix, PRETRAIN True and no PRETRAIN_PATH reach for the network (gdown)."""
+    import types
+
+    calls = []
+
+    def download(url, output, quiet=False):
+        calls.append((url, output))
+        raise ConnectionError("no network in this test")
+
+    monkeypatch.setitem(sys.modules, "gdown", types.SimpleNamespace(download=download))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(ConnectionError):
+        compat.ORIGINALS["pretrained_download"]("18x")
+    assert len(calls) == 1 and calls[0][0].startswith("http")
+    assert calls[0][1].startswith(str(tmp_path))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the failure only shows without CUDA")
+def test_launch_worker_runs_on_cpu_with_gloo(tmp_path):
+    import torch.distributed as dist
+    from fastreid.utils import comm
+
+    url = f"file://{tmp_path / 'rendezvous'}"
+    seen = []
+
+    def main_func(tag):
+        seen.append((tag, dist.get_backend(), comm.get_world_size(), comm.get_local_size()))
+
+    with pytest.raises(AssertionError, match="cuda is not available"):
+        compat.ORIGINALS["launch_gloo"](0, main_func, 1, 1, 0, url, ("stock",))
+    import importlib
+
+    # what fast-reid's launch() spawns: the module attribute (fastreid.engine.launch is also
+    # the name of the function)
+    worker = importlib.import_module("fastreid.engine.launch")._distributed_worker
+    worker(0, main_func, 1, 1, 0, url, ("fixed",))
+    assert seen == [("fixed", "gloo", 1, 1)]
+    assert not dist.is_initialized()  # the process group is torn down after main_func
+
+
 def test_training_forward_outside_trainer():
     from fastreid.modeling.meta_arch import build_model
 
@@ -156,6 +260,9 @@ def test_training_forward_outside_trainer():
 def test_registry_error_lists_names():
     from reidzoo.registry import META_ARCH_REGISTRY
 
+    with pytest.raises(KeyError) as stock:
+        compat.ORIGINALS["registry_names"](META_ARCH_REGISTRY, "NoSuchArch")
+    assert "NoSuchArch" in str(stock.value) and "Baseline" not in str(stock.value)
     with pytest.raises(KeyError, match="Registered names: .*Baseline"):
         META_ARCH_REGISTRY.get("NoSuchArch")
 
