@@ -28,7 +28,9 @@ CONFIGS = {
     "PMM": ["PMM/configs/PMM_R18_synthetic_ci.yml"],
     "RMGL": ["RMGL/configs/RMGL_R18_synthetic_ci.yml"],
 }  # fmt: skip
-SIZE_96 = ["INPUT.SIZE_TRAIN", "[96, 32]", "INPUT.SIZE_TEST", "[96, 32]"]  # RMGL, PMM strides
+SIZE_96 = ["INPUT.SIZE_TRAIN", "[96, 32]", "INPUT.SIZE_TEST", "[96, 32]"]  # RMGL strides
+# PMM: the smallest input whose map (8x4) its 8x4 block grid divides (the paper's K / 32 mixed)
+SIZE_PMM = ["INPUT.SIZE_TRAIN", "[128, 64]", "INPUT.SIZE_TEST", "[128, 64]"]
 SHORT = ["SOLVER.MAX_ITER", "2", "SOLVER.WARMUP_ITERS", "0", "SOLVER.CHECKPOINT_PERIOD", "2",
          "TEST.EVAL_PERIOD", "2", "TEST.IMS_PER_BATCH", "16"]  # fmt: skip
 NUM_TRAIN_IDS = 4  # one P x K = 4 x 2 batch of identities: the smallest set that trains
@@ -60,7 +62,7 @@ def run(request, synth_root, tmp_path_factory):
     checkpoint and the final results of the training-time evaluation."""
     paper = request.param
     tmp = tmp_path_factory.mktemp(paper.lower())
-    base = TINY_SYNTH + FEWER_IDS + (SIZE_96 if paper in ("PMM", "RMGL") else []) + SHORT
+    base = TINY_SYNTH + FEWER_IDS + {"PMM": SIZE_PMM, "RMGL": SIZE_96}.get(paper, []) + SHORT
     base += ["DATASETS.ROOT", synth_root]
     weights = []
     for i, rel in enumerate(CONFIGS[paper]):

@@ -252,7 +252,7 @@ def test_pmm_stage_grad_cams(image_paths):
     panels = per_image[0]["gradcam"]
     assert tag == "pmm" and [p.title.split(" id")[0] for p in panels] == [
         "stage I", "stage II", "stage III"]  # fmt: skip
-    assert {p.values.shape for p in panels} == {(6, 2)}  # layer4 stride 1 at 96x32
+    assert {p.values.shape for p in panels} == {(8, 4)}  # layer4 stride 1 at 128x64
     assert all((p.values >= 0).all() for p in panels)
     assert _differ(per_image, "gradcam")
     # stage II against a full Grad-CAM: gradient of the predicted score w.r.t. x_part

@@ -1,6 +1,7 @@
 """PMM: cheap Grad-CAM against a full-backward reference, Hard-Mix properties, alternatives,
 parameter budget, export, Cutout in another model's pipeline, training and --eval-only."""
 
+import glob
 import math
 import os
 
@@ -9,13 +10,18 @@ import torch
 from fastreid.modeling.losses import cross_entropy_loss
 from fastreid.modeling.meta_arch import build_model
 from reidzoo.projects.pmm import (
+    IMAGE_MIX_REGISTRY,
+    PAPER_BLOCK_GRID,
     PMM,
     Cutout,
     FeatureMix,
+    PMMImageAttentiveCutMix,
+    PMMImageCutMix,
     attentive_mask,
     batch_drop_mask,
     draw_negatives,
     grad_cam,
+    grid_block_size,
     hard_mix,
 )
 
@@ -40,7 +46,7 @@ def _ci_model(*opts, classes=6):
     return build_model(cfg).train()
 
 
-def _batch(n=12, classes=6, h=96, w=32, seed=0):
+def _batch(n=12, classes=6, h=128, w=64, seed=0):
     g = torch.Generator().manual_seed(seed)
     images = torch.rand(n, 3, h, w, generator=g) * 255
     targets = torch.arange(classes).repeat_interleave(n // classes)
@@ -79,7 +85,7 @@ def test_cheap_gradcam_equals_full_backward_reference_and_writes_no_grad():
     for k in (0, 1):  # stage I: GAP w.r.t. x; stage II: GMP w.r.t. the mixed map
         s = stages[k]
         cam = s["cam"]
-        assert cam.shape == (12, 6, 2) and not cam.requires_grad and (cam >= 0).all()
+        assert cam.shape == (12, 8, 4) and not cam.requires_grad and (cam >= 0).all()
         score = s["logits"].gather(1, targets[:, None]).sum()
         ref = _reference_cam(score, s["input"])
         assert torch.allclose(cam, ref, atol=1e-5, rtol=1e-5), (cam - ref).abs().max()
@@ -164,11 +170,12 @@ def test_progressive_stages_follow_spec_6_1():
     images, targets = _batch(n=24)
     x, xp, stages = _stages(model, images, targets)
     m2, m3 = stages[1]["mix"], stages[2]["mix"]
-    # stage II: mask from stage I's CAM (on x), applied to x_part with a negative per anchor
-    assert torch.equal(m2["mask"], attentive_mask(stages[0]["cam"], 1, (3, 2)))
+    # stage II: mask from stage I's CAM (on x), applied to x_part with a negative per anchor;
+    # the CI map is 8x4, so the 8x4 block grid gives 1x1 blocks, K = 3
+    assert torch.equal(m2["mask"], attentive_mask(stages[0]["cam"], 3, (1, 1)))
     assert torch.equal(stages[1]["input"], hard_mix(xp, m2["mask"], m2["index"]))
     # stage III: mask from stage II's CAM on the mixed map, applied to the UNMIXED x_part
-    assert torch.equal(m3["mask"], attentive_mask(stages[1]["cam"], 1, (3, 2)))
+    assert torch.equal(m3["mask"], attentive_mask(stages[1]["cam"], 3, (1, 1)))
     assert torch.equal(stages[2]["input"], hard_mix(xp, m3["mask"], m3["index"]))
     for m in (m2, m3):
         assert (targets[m["index"]] != targets).all() and m["lam"] == 1.0
@@ -196,15 +203,15 @@ def test_alternatives_switchable_and_shape_correct(mix, choice):
     assert (stages[0]["cam"] is not None) == model.mix.needs_cam
     for s in stages[1:]:
         m = s["mix"]
-        assert s["input"].shape == xp.shape and m["mask"].shape == (12, 1, 6, 2)
+        assert s["input"].shape == xp.shape and m["mask"].shape == (12, 1, 8, 4)
         if mix == "cutout":
             assert torch.equal(s["input"], xp * m["mask"])
-            assert ((m["mask"] == 0).flatten(1).sum(1) == 6).all()
+            assert ((m["mask"] == 0).flatten(1).sum(1) == 3).all()  # K = 3 blocks of 1x1
         elif mix == "bdb":
             assert torch.equal(s["input"], xp * m["mask"])
             assert (m["mask"] == m["mask"][:1]).all()  # one stripe for the whole batch
             rh, rw = model.mix.bdb_ratios  # MODEL.PMM.BDB_HEIGHT_RATIO / _WIDTH_RATIO
-            assert (m["mask"][0, 0] == 0).sum() == round(rh * 6) * round(rw * 2)
+            assert (m["mask"][0, 0] == 0).sum() == round(rh * 8) * round(rw * 4)
         elif mix in ("cutmix", "attentive_cutmix"):
             assert torch.equal(s["input"], hard_mix(xp, m["mask"], m["index"]))
             assert 0.0 <= m["lam"] <= 1.0 and sorted(m["index"].tolist()) == list(range(12))
@@ -247,7 +254,253 @@ def test_bdb_layout_and_paper_stride():
         assert model(images).shape == (12, 64 + 128)
     model = _ci_model("MODEL.PMM.LAYER3_STRIDE", "1")
     x, xp, stages = _stages(model, images, targets)
-    assert x.shape[2:] == (12, 4) and stages[1]["mix"]["mask"].shape[2:] == (12, 4)
+    assert x.shape[2:] == (16, 8) and stages[1]["mix"]["mask"].shape[2:] == (16, 8)
+    # the grid makes 2x2 blocks there: still K = 3 of 32 blocks, 12 of 128 positions
+    assert ((stages[1]["mix"]["mask"] == 0).flatten(1).sum(1) == 12).all()
+
+
+# ------------------------------------------------- mixed fraction of every shipped config
+
+
+# The paper's geometry (§3.1; official code CutMixBatchDrop: 384x128 input, 24x8 map, 3x2
+# blocks, K top blocks) and its K per dataset; datasets without a K use the code's 3.
+PAPER_MAP, PAPER_BLOCK = (24, 8), (3, 2)
+PAPER_K = {"Market1501": 3, "DukeMTMC": 6, "CUHK03": 8}
+SHIPPED = sorted(glob.glob(os.path.join(CONFIGS, "**", "*.yml"), recursive=True))
+SHIPPED.append(os.path.join(REPO, "configs", "RealData", "PMM.yml"))
+
+
+def _paper_fraction(dataset):
+    k = PAPER_K.get(dataset, 3)
+    return k, k * PAPER_BLOCK[0] * PAPER_BLOCK[1] / (PAPER_MAP[0] * PAPER_MAP[1])
+
+
+def test_paper_geometry_replaces_9_4_percent():
+    assert _paper_fraction("Market1501")[1] == 18 / 192 == 0.09375  # the issue's ~9.4 %
+    assert PAPER_BLOCK_GRID == (8, 4)  # 24 / 3 rows x 8 / 2 columns of blocks
+    blocks = {(24, 8): (3, 2), (16, 8): (2, 2), (8, 4): (1, 1), (48, 16): (6, 4)}
+    for (h, w), block in blocks.items():
+        assert grid_block_size(h, w, PAPER_BLOCK_GRID, 3) == block  # 16x8: spec §6.6's 2x2
+
+
+@pytest.mark.parametrize(
+    "depth,size,layer3",
+    [("18x", (128, 64), 2), ("18x", (96, 32), 2), ("18x", (100, 36), 2), ("18x", (128, 64), 1),
+     ("50x", (64, 32), 2), ("50x", (70, 40), 1)],
+)  # fmt: skip
+def test_feature_map_size_is_the_backbones(depth, size, layer3):
+    opts = ["MODEL.BACKBONE.DEPTH", depth, "MODEL.BACKBONE.FEAT_DIM", "2048" if depth == "50x"
+            else "512", "MODEL.PMM.LAYER3_STRIDE", str(layer3), "MODEL.PMM.MIX", "none",
+            "MODEL.HEADS.NUM_CLASSES", "4"]  # fmt: skip
+    model = build_model(_cfg(CI, *opts)).eval()
+    with torch.no_grad():
+        x, xp = model.trunk(torch.zeros(1, 3, *size))
+    assert model.feature_map_size(size) == tuple(x.shape[2:]) == tuple(xp.shape[2:])
+
+
+@pytest.mark.parametrize("config", SHIPPED, ids=lambda p: os.path.relpath(p, REPO))
+def test_every_shipped_config_mixes_the_papers_fraction(config):
+    """Build the config's model, take its map size at INPUT.SIZE_TRAIN and measure what its
+    own mixing module replaces: the paper's K / 32 for every block-based mode."""
+    cfg = _cfg(config, "MODEL.HEADS.NUM_CLASSES", "4")
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    dataset = cfg.DATASETS.NAMES[0]
+    k, paper = _paper_fraction(dataset)
+    h, w = model.feature_map_size(cfg.INPUT.SIZE_TRAIN)
+    n, c = 8, model.backbone.channels["layer4"]
+    targets = torch.arange(4).repeat_interleave(2)
+    xp, cam = torch.randn(n, c, h, w), torch.rand(n, h, w)
+    mix = model.mix
+    if mix.uses_blocks or model.image_mix is not None:
+        assert cfg.MODEL.PMM.TOPK == k, f"{dataset}: TOPK {cfg.MODEL.PMM.TOPK}, paper {k}"
+    out = mix(xp, cam, targets)
+    replaced, masked = _fractions(out["features"], xp, out["mask"], out["index"])
+    if mix.uses_blocks:  # hard_mix, cutout, attentive_cutmix: the paper's fraction
+        assert (masked == paper).all(), (masked, paper)
+        if mix.mixes_labels:
+            assert out["lam"] == pytest.approx(1 - paper)
+    elif mix.mode == "bdb":  # BDB's own stripe (its code's ratios), not PMM's fraction
+        rh, rw = mix.bdb_ratios
+        assert (masked == round(rh * h) * round(rw * w) / (h * w)).all()
+    elif mix.mode == "cutmix":  # a random box: the label weight is its exact kept area
+        assert masked.unique().numel() == 1 and float(masked[0]) == pytest.approx(1 - out["lam"])
+    else:
+        assert mix.mode == "none" and (masked == 0).all()
+    assert torch.equal(replaced, masked)  # exactly the masked positions changed
+    if model.image_mix is not None:  # image level: the fraction of each image's pixels
+        images = torch.randn(n, 3, *cfg.INPUT.SIZE_TRAIN)
+        res = model.image_mix(images, targets, lambda im, t: torch.rand(n, h, w))
+        pixels, masked = _fractions(res["images"], images, res["mask"], res["index"])
+        assert torch.equal(pixels, masked) and res["lam"] == pytest.approx(1 - float(masked[0]))
+        if model.image_mix.needs_cam:
+            assert (masked == paper).all(), (masked, paper)
+        assert mix.mode == "none"  # the Table 3 image-level rows mix nothing else
+
+
+def _fractions(mixed, original, mask, index):
+    """Per sample: the fraction of positions whose values changed, and the mask's fraction
+    (0 where the partner is the sample itself, as a random permutation can draw)."""
+    changed = (mixed != original).any(1).flatten(1).float().mean(1)
+    masked = (mask == 0).flatten(1).float().mean(1)
+    if index is not None:
+        self_mixed = index == torch.arange(len(index))
+        assert (changed[self_mixed] == 0).all()
+        changed[self_mixed] = masked[self_mixed]
+    return changed, masked
+
+
+def test_geometry_that_cannot_mix_the_fraction_is_refused():
+    size = ["INPUT.SIZE_TRAIN", "[96, 32]", "INPUT.SIZE_TEST", "[96, 32]"]
+    with pytest.raises(ValueError) as e:
+        build_model(_cfg(CI, "MODEL.HEADS.NUM_CLASSES", "4", *size))
+    for part in ("MODEL.PMM.BLOCK_GRID=[8, 4]", "6x2 feature map", "INPUT.SIZE_TRAIN=[96, 32]",
+                 "MODEL.PMM.LAYER3_STRIDE=2", "MODEL.BACKBONE.LAST_STRIDE=1"):  # fmt: skip
+        assert part in str(e.value), str(e.value)
+    build_model(_cfg(CI, "MODEL.HEADS.NUM_CLASSES", "4", "MODEL.PMM.MIX", "none", *size))
+    build_model(_cfg(CI, "MODEL.HEADS.NUM_CLASSES", "4", "MODEL.PMM.MIX", "bdb", *size))
+    with pytest.raises(ValueError, match=r"BLOCK_SIZE=\[3, 2\].*into \[1, 1\] blocks"):
+        build_model(_cfg(CI, "MODEL.HEADS.NUM_CLASSES", "4", "MODEL.PMM.BLOCK_SIZE", "[3, 2]"))
+    model = build_model(_cfg(MARKET, "MODEL.HEADS.NUM_CLASSES", "4", "MODEL.PMM.BLOCK_SIZE",
+                             "[3, 2]"))  # fmt: skip  # a fixed size that matches still loads
+    assert model.mix.block_size(24, 8) == (3, 2)
+    with pytest.raises(ValueError, match="MODEL.PMM.TOPK=33"):
+        build_model(_cfg(CI, "MODEL.HEADS.NUM_CLASSES", "4", "MODEL.PMM.TOPK", "33"))
+    with pytest.raises(ValueError, match="does not divide the 8x6 feature map"):
+        model.mix(torch.randn(2, 4, 8, 6), torch.rand(2, 8, 6), torch.tensor([0, 1]))
+    image = ["MODEL.PMM.MIX", "none", "MODEL.PMM.IMAGE_MIX", "PMMImageAttentiveCutMix"]
+    with pytest.raises(ValueError, match="6x2 feature map"):
+        build_model(_cfg(CI, "MODEL.HEADS.NUM_CLASSES", "4", *image, *size))
+
+
+# --------------------------------------------- image-level CutMix / A-CutMix (Table 1 and 3)
+
+
+def _image_model(image_mix, mix="none", *opts):
+    return _ci_model("MODEL.PMM.MIX", mix, "MODEL.PMM.IMAGE_MIX", image_mix, *opts)
+
+
+def _capture(model, images, targets, seed):
+    """Train-mode forward through ``model(batch)``; returns the losses, the backbone's input
+    and x, x_part as the heads received them (the trunk's call: the last backbone call, after
+    A-CutMix's clean-batch Grad-CAM pass)."""
+    seen = {}
+    hooks = [
+        model.backbone.register_forward_pre_hook(lambda m, a: seen.update(input=a[0])),
+        model.backbone.register_forward_hook(lambda m, a, o: seen.update(x=o)),
+        model.heads.part.register_forward_hook(lambda m, a, o: seen.update(xp=o)),
+    ]
+    torch.manual_seed(seed)
+    losses = model({"images": images, "targets": targets})
+    for h in hooks:
+        h.remove()
+    return losses, seen
+
+
+def _mixed_ce(logits, targets, mix):
+    return mix["lam"] * cross_entropy_loss(logits, targets, 0.1) + (1 - mix["lam"]) * (
+        cross_entropy_loss(logits, targets[mix["index"]], 0.1)
+    )
+
+
+def test_image_cutmix_changes_images_and_mixes_every_stages_labels():
+    model = _image_model("PMMImageCutMix")
+    assert isinstance(model.image_mix, PMMImageCutMix) and model.image_mix.mixes_labels
+    images, targets = _batch()
+    norm = model.preprocess_image(images)
+    torch.manual_seed(3)
+    ref = model.image_mix(norm, targets, model.clean_cam)
+    mask, index, lam = ref["mask"], ref["index"], ref["lam"]
+    assert (mask == mask[:1]).all() and sorted(index.tolist()) == list(range(12))  # one box
+    assert 0 < lam < 1 and float(mask.mean()) == pytest.approx(lam)
+    assert torch.equal(ref["images"], mask * norm + (1 - mask) * norm[index])
+    losses, seen = _capture(model, images, targets, 3)
+    assert torch.equal(seen["input"], ref["images"])  # the backbone sees the mixed images
+    inside = (mask[:, 0] == 0) & (index != torch.arange(12))[:, None, None]
+    assert (seen["input"] != norm).any(1)[inside].all()  # the box holds the partner's pixels
+    assert torch.equal(seen["input"].masked_select(mask.bool()), norm.masked_select(mask.bool()))
+    stages = model.training_stages(seen["x"], seen["xp"], targets)
+    assert all(torch.equal(s["input"], seen["xp"]) for s in stages[1:])  # features untouched
+    for k, s in enumerate(stages):  # every stage's CE mixed by lam, the triplet is not
+        ce = _mixed_ce(s["logits"], targets, ref)
+        assert torch.allclose(losses[f"loss_cls_stage{k + 1}"], ce, atol=1e-6)
+    plain = model.losses(stages, targets)
+    assert all(torch.allclose(losses[n], plain[n]) for n in plain if "triplet" in n)
+    assert not torch.allclose(losses["loss_cls_stage1"], plain["loss_cls_stage1"])
+
+
+def test_image_attentive_cutmix_pastes_the_partners_top_blocks():
+    model = _image_model("PMMImageAttentiveCutMix")
+    images, targets = _batch()
+    norm = model.preprocess_image(images)
+    # the clean-batch Grad-CAM: stage I of the model in eval mode, no state or .grad changed
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    cam = model.clean_cam(norm, targets)
+    assert model.training and model.backbone.training and model.heads.training
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert all(p.grad is None for p in model.parameters())
+    model.eval()
+    x = model.backbone(norm).detach().requires_grad_()
+    logits = model.heads.classifiers[0](model.heads.reductions[0](x.mean(dim=(2, 3))))
+    ref_cam = _reference_cam(logits.gather(1, targets[:, None]).sum(), x)
+    model.train()
+    assert cam.shape == (12, 8, 4) and torch.allclose(cam, ref_cam, atol=1e-5, rtol=1e-4)
+    # the mix: the partner's K = 3 top blocks of the 8x4 grid (16x16 pixels at 128x64)
+    torch.manual_seed(5)
+    ref = model.image_mix(norm, targets, model.clean_cam)
+    index, mask = ref["index"], ref["mask"]
+    blocks = mask[:, 0, ::16, ::16]  # [N, 8, 4]: whole 16x16 blocks
+    assert torch.equal(mask, blocks[:, None].repeat_interleave(16, 2).repeat_interleave(16, 3))
+    for i in range(12):  # the 3 pasted blocks are the partner's top 3 (ties in any order)
+        e = cam[index[i]]
+        assert (blocks[i] == 0).sum() == 3 and e[blocks[i] == 0].min() >= e[blocks[i] == 1].max()
+    assert ref["lam"] == 1 - 3 / 32 and ((mask == 0).flatten(1).float().mean(1) == 3 / 32).all()
+    assert torch.equal(ref["images"], mask * norm + (1 - mask) * norm[index])
+    losses, seen = _capture(model, images, targets, 5)
+    assert torch.equal(seen["input"], ref["images"])  # the mixed images, not the features
+    stages = model.training_stages(seen["x"], seen["xp"], targets)
+    assert all(torch.equal(s["input"], seen["xp"]) for s in stages[1:])
+    for k, s in enumerate(stages):
+        ce = _mixed_ce(s["logits"], targets, ref)
+        assert torch.allclose(losses[f"loss_cls_stage{k + 1}"], ce, atol=1e-6)
+    sum(losses.values()).backward()
+    assert all(p.grad is not None for p in model.heads.classifiers.parameters())
+
+
+@pytest.mark.parametrize("mix", ["cutmix", "attentive_cutmix"])
+def test_feature_level_alternatives_change_features_not_images(mix):
+    model = _ci_model("MODEL.PMM.MIX", mix)
+    assert model.image_mix is None
+    images, targets = _batch()
+    _, seen = _capture(model, images, targets, 7)
+    assert torch.equal(seen["input"], model.preprocess_image(images))  # images untouched
+    torch.manual_seed(7)
+    stages = model.training_stages(seen["x"], seen["xp"], targets)
+    for s in stages[1:]:
+        m = s["mix"]
+        changed = (s["input"] != seen["xp"]).any(1)
+        partner = (m["index"] != torch.arange(12))[:, None, None]
+        assert changed.any() and torch.equal(changed, (m["mask"][:, 0] == 0) & partner)
+        if mix == "attentive_cutmix":
+            assert m["lam"] == 1 - 3 / 32  # K = 3 of the 32 blocks
+
+
+def test_image_mix_switches():
+    with pytest.raises(ValueError, match=r"IMAGE_MIX='mixup'.*PMMImageAttentiveCutMix"):
+        _image_model("mixup")
+    with pytest.raises(ValueError, match="mixes labels and so does MODEL.PMM.MIX='cutmix'"):
+        _image_model("PMMImageCutMix", "cutmix")
+    with pytest.raises(ValueError, match="IMAGE_MIX_PROB=1.5"):
+        _image_model("PMMImageCutMix", "none", "MODEL.PMM.IMAGE_MIX_PROB", "1.5")
+    assert IMAGE_MIX_REGISTRY.get("PMMImageAttentiveCutMix") is PMMImageAttentiveCutMix
+    # with A-Hard-Mix in the stages, and a batch left unmixed at probability 0
+    model = _image_model("PMMImageCutMix", "hard_mix", "MODEL.PMM.IMAGE_MIX_PROB", "0.0")
+    images, targets = _batch()
+    losses, seen = _capture(model, images, targets, 1)
+    assert torch.equal(seen["input"], model.preprocess_image(images))
+    torch.manual_seed(1)
+    stages = model.training_stages(seen["x"], seen["xp"], targets)
+    assert all(torch.allclose(losses[n], v) for n, v in model.losses(stages, targets).items())
 
 
 # ---------------------------------------------------------------- eval graph, numbers, export
@@ -356,7 +609,7 @@ def test_trains_on_demo_data_and_eval_only(tmp_path):
 
     from reidzoo.engine import ReidTrainer, default_argument_parser, main
 
-    opts = TINY_SYNTH + ["INPUT.SIZE_TRAIN", "[96, 32]", "INPUT.SIZE_TEST", "[96, 32]",
+    opts = TINY_SYNTH + ["INPUT.SIZE_TRAIN", "[128, 64]", "INPUT.SIZE_TEST", "[128, 64]",
                          "DATASETS.ROOT", str(tmp_path / "data"), "OUTPUT_DIR", str(tmp_path),
                          "SOLVER.WARMUP_ITERS", "0"]  # fmt: skip
     cfg = setup_cfg(CI, opts + ["SOLVER.MAX_EPOCH", "1"])

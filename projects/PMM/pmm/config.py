@@ -23,19 +23,38 @@ def add_pmm_config(cfg):
             "LAYER3_STRIDE": 2,
             # Feature augmentation feeding stages II and III (§2.2, §2.3, Tab. 3): "hard_mix"
             # (A-Hard-Mix, Eq. 2), "cutout" (CutOut [22]: zero the chosen blocks), "cutmix"
-            # (CutMix [11]: random box from another sample, labels mixed), "attentive_cutmix"
-            # (A-CutMix [12]: the partner's top-K Grad-CAM blocks pasted, labels mixed), "bdb"
-            # (BDB [1] batch drop: one random stripe zeroed for the whole batch), "none".
+            # (feature-level CutMix [11]: random box from another sample, labels mixed),
+            # "attentive_cutmix" (feature-level A-CutMix [12]: the partner's top-K Grad-CAM
+            # blocks pasted, labels mixed), "bdb" (BDB [1] batch drop: one random stripe zeroed
+            # for the whole batch), "none". The two CutMix modes are feature-level alternatives
+            # of the paper's image-level rows (IMAGE_MIX below).
             "MIX": "hard_mix",
             # Block choice of hard_mix / cutout: "attentive" (block ranking on the previous
             # stage's Grad-CAM g, §2.2 Eq. 1) or "random" (K blocks uniformly, no Grad-CAM).
             "BLOCK_CHOICE": "attentive",
-            # Block size [b_h, b_w] of the block ranking (§3.1: 3 x 2 at 384 x 128; spec §6.6:
-            # 2 x 2 at 256 x 128). H and W of the map must be multiples (§2.2).
-            "BLOCK_SIZE": [3, 2],
+            # Number of block rows and columns of the block ranking. The paper fixes 3 x 2
+            # blocks on the 24 x 8 map of its 384 x 128 input (§3.1; the official code's
+            # CutMixBatchDrop hard-codes that 8 x 4 grid), so its K blocks are K / 32 of the
+            # map: 9.375 % for K = 3. The block size is derived from the map, (H / 8, W / 4),
+            # so the fraction stays K / 32 at every input size (2 x 2 at 256 x 128 as spec
+            # §6.6, 1 x 1 at 128 x 64); a map the grid does not divide is refused.
+            "BLOCK_GRID": [8, 4],
+            # Optional cross-check of the derived block size [b_h, b_w]: [] (default) derives
+            # it; a value must equal the derived size at INPUT.SIZE_TRAIN, else an error (e.g.
+            # [3, 2] at 384 x 128). Kept so configs written with a fixed size still load.
+            "BLOCK_SIZE": [],
             # K, the number of top-ranked blocks replaced (§3.1: 3 Market-1501, 6 DukeMTMC,
             # 8 CUHK03; the official code hard-codes 3).
             "TOPK": 3,
+            # Image-level augmentation of the training batch before the backbone, a name in
+            # reidzoo.projects.pmm.IMAGE_MIX_REGISTRY: "none", "PMMImageCutMix" (CutMix [11])
+            # or "PMMImageAttentiveCutMix" (A-CutMix [12]: the partner's top-K blocks of
+            # BLOCK_GRID over the image, by its stage-I Grad-CAM). Table 1: both rows of Table 3
+            # are image-level and mix labels; their Table 3 configs set MIX none.
+            "IMAGE_MIX": "none",
+            # Probability that a batch is image-mixed (not given by PMM; CutMix's ImageNet
+            # recipe mixes every batch).
+            "IMAGE_MIX_PROB": 1.0,
             # Embedding size of each stage's reduction (§2.1: 512-d each, 1536-d test feature).
             "REDUCTION_DIM": 512,
             # Embedding size of BDB's part branch when LAYOUT is "bdb" (BDB: 1024).
@@ -49,7 +68,8 @@ def add_pmm_config(cfg):
             # round(0.33 * 24) = 8 of 24 at 384x128 (0.3 would give 7).
             "BDB_HEIGHT_RATIO": 0.33,
             "BDB_WIDTH_RATIO": 1.0,
-            # Beta(alpha, alpha) of CutMix's kept-area ratio lambda (CutMix [11]: alpha = 1).
+            # Beta(alpha, alpha) of CutMix's kept-area ratio lambda (CutMix [11]: alpha = 1),
+            # feature-level (MIX cutmix) and image-level (IMAGE_MIX PMMImageCutMix).
             "CUTMIX_ALPHA": 1.0,
         },
     )

@@ -7,7 +7,9 @@ top-K of x_part are replaced by a different identity's (A-Hard-Mix) -> GMP -> Li
 ReLU (512) -> classifier (stage II); stage II's Grad-CAM on its mixed input gives the mask that
 is applied to the *unmixed* x_part with a fresh negative for stage III. Eval: no mixing, the
 three 512-d features concatenated (1536-d), Euclidean distance. Every new layer lives under
-``self.heads``.
+``self.heads``. Blocks: the fixed ``MODEL.PMM.BLOCK_GRID`` (8 x 4) over the map, checked against
+the training map size at construction. Optionally (``MODEL.PMM.IMAGE_MIX``) an image-level
+CutMix / A-CutMix of the batch before the backbone, with every stage's labels mixed.
 """
 
 import torch
@@ -18,9 +20,26 @@ from torch import nn
 from reidzoo.modeling import ReidMetaArch, build_staged_resnet
 from reidzoo.registry import META_ARCH_REGISTRY
 
-from .modules import FeatureMix, grad_cam
+from .image_mix import build_image_mix
+from .modules import FeatureMix, grad_cam, grid_block_size
 
 LAYOUTS = ("pmm", "bdb")
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _layer_out(size, layer):
+    """Output (H, W) of a Conv2d / MaxPool2d on an input of ``size`` (PyTorch's formula)."""
+    k, s, p, d = (_pair(getattr(layer, a)) for a in ("kernel_size", "stride", "padding",
+                                                      "dilation"))  # fmt: skip
+    ceil = getattr(layer, "ceil_mode", False)
+    out = []
+    for i in range(2):
+        num = size[i] + 2 * p[i] - d[i] * (k[i] - 1) - 1
+        out.append((-(-num // s[i]) if ceil else num // s[i]) + 1)
+    return tuple(out)
 
 
 def _init_kaiming(m):
@@ -126,11 +145,72 @@ class PMM(ReidMetaArch):
         self.mix = FeatureMix(
             p.MIX,
             p.BLOCK_CHOICE,
-            tuple(p.BLOCK_SIZE),
+            tuple(p.BLOCK_GRID),
             int(p.TOPK),
             (p.BDB_HEIGHT_RATIO, p.BDB_WIDTH_RATIO),
             p.CUTMIX_ALPHA,
         )
+        self.image_mix = build_image_mix(cfg)  # image-level Table 3 rows (None: off)
+        if self.image_mix is not None and self.mix.mixes_labels:
+            raise ValueError(
+                f"MODEL.PMM.IMAGE_MIX={p.IMAGE_MIX!r} mixes labels and so does MODEL.PMM.MIX="
+                f"{p.MIX!r}; use one of them (the image-level Table 3 rows set MIX none)"
+            )
+        self.check_geometry(cfg)
+
+    def feature_map_size(self, input_size):
+        """Size of the backbone map x (and x_part) for an input size, from the backbone's own
+        convolution and pooling settings (strides as set, e.g. ``LAYER3_STRIDE``), without
+        running it. Inserted and non-local modules keep the size.
+
+        Args:
+            input_size (Sequence[int]): (H, W) of the input images.
+        Returns:
+            tuple[int, int]: (h, w) of the layer4 output.
+        """
+        b = self.backbone
+        size = tuple(int(v) for v in input_size)
+        for layer in (b.conv1, b.maxpool):
+            size = _layer_out(size, layer)
+        for name in ("layer1", "layer2", "layer3", "layer4"):
+            for blk in getattr(b, name).blocks():
+                for conv in (blk.conv1, blk.conv2, getattr(blk, "conv3", None)):
+                    if conv is not None:
+                        size = _layer_out(size, conv)
+        return size
+
+    def check_geometry(self, cfg):
+        """Refuse, at construction, a training geometry whose map the block grid cannot cut
+        into the paper's fraction (K of rows x cols blocks), naming the keys and the map size.
+
+        Args:
+            cfg (CfgNode): reads ``INPUT.SIZE_TRAIN`` and ``MODEL.PMM``.
+        """
+        p = cfg.MODEL.PMM
+        image_grid = self.image_mix is not None and self.image_mix.needs_cam
+        if not (self.mix.uses_blocks or image_grid):
+            return
+        size = tuple(int(v) for v in cfg.INPUT.SIZE_TRAIN)
+        h, w = self.feature_map_size(size)
+        try:
+            block = grid_block_size(h, w, self.mix.block_grid, int(p.TOPK))
+        except ValueError as e:
+            raise ValueError(
+                f"{e}. Here INPUT.SIZE_TRAIN={list(size)} gives a {h}x{w} map "
+                f"(MODEL.PMM.LAYER3_STRIDE={p.LAYER3_STRIDE}, MODEL.BACKBONE.LAST_STRIDE="
+                f"{cfg.MODEL.BACKBONE.LAST_STRIDE}). To evaluate a model trained at another "
+                "geometry, MODEL.PMM.MIX none (and MODEL.PMM.IMAGE_MIX none) skips this "
+                "training-time check"
+            ) from None
+        if len(p.BLOCK_SIZE) and tuple(int(v) for v in p.BLOCK_SIZE) != block:
+            raise ValueError(
+                f"MODEL.PMM.BLOCK_SIZE={list(p.BLOCK_SIZE)}, but MODEL.PMM.BLOCK_GRID="
+                f"{list(p.BLOCK_GRID)} cuts the {h}x{w} map of INPUT.SIZE_TRAIN={list(size)} "
+                f"into {list(block)} blocks; the block size is derived from the map now: "
+                "remove BLOCK_SIZE (or set [])"
+            )
+        if image_grid:
+            self.image_mix.check_image(*size)
 
     @property
     def num_stages(self):
@@ -155,14 +235,45 @@ class PMM(ReidMetaArch):
             features concatenated (no mixing).
         """
         images = self.preprocess_image(batched_inputs)
-        x, xp = self.trunk(images)
         if not self.training:
+            x, xp = self.trunk(images)
             red = self.heads.reductions
             feats = [red[0](x.mean(dim=(2, 3)))]
             feats += [r(xp.amax(dim=(2, 3))) for r in red[1:]]
             return torch.cat(feats, dim=1)
         targets = batched_inputs["targets"].to(self.device)
-        return self.losses(self.training_stages(x, xp, targets), targets)
+        image_mix = None
+        if self.image_mix is not None:  # image-level CutMix / A-CutMix (Table 1)
+            image_mix = self.image_mix(images, targets, self.clean_cam)
+            images = image_mix["images"]
+        x, xp = self.trunk(images)
+        return self.losses(self.training_stages(x, xp, targets), targets, image_mix)
+
+    def clean_cam(self, images, targets):
+        """Stage I's Grad-CAM (ground-truth class) of a batch, for image-level A-CutMix: the
+        backbone and heads in eval mode (running BN statistics, none updated) and without
+        gradients, so the pass changes no state; only the small stage-I head is
+        back-propagated (w.r.t. its pooled input, §6.3).
+
+        Args:
+            images (Tensor): [N, 3, H, W] normalised.
+            targets (Tensor): [N].
+        Returns:
+            Tensor: [N, h, w] detached CAM on the backbone map.
+        """
+        modes = [(m, m.training) for m in (self.backbone, self.heads)]
+        try:
+            for m, _ in modes:
+                m.eval()
+            with torch.no_grad():
+                x = self.backbone(images)
+            with torch.enable_grad():
+                pooled = x.mean(dim=(2, 3)).detach().requires_grad_()
+                _, logits = self._head(0, pooled)
+                return grad_cam(logits, targets, pooled, x, retain_graph=False)
+        finally:
+            for m, mode in modes:
+                m.train(mode)
 
     def _head(self, k, pooled):
         """Reduction and classifier of stage k in fp32 (so the Grad-CAM gradient cannot
@@ -205,14 +316,16 @@ class PMM(ReidMetaArch):
                 )
         return stages
 
-    def losses(self, stages, targets):
+    def losses(self, stages, targets, image_mix=None):
         """Per stage: label-smoothed CE (mixed as lam CE(y) + (1 - lam) CE(y[index]) for the
-        CutMix variants) and batch-hard soft-margin triplet (TRI.MARGIN 0) on the reduced
-        feature, unit weights (spec §6.4).
+        CutMix variants: every stage after an image-level mix, stages II / III after a
+        feature-level one) and batch-hard soft-margin triplet (TRI.MARGIN 0) on the reduced
+        feature with the anchors' labels, unit weights (spec §6.4).
 
         Args:
             stages (list[dict]): from :meth:`training_stages`.
             targets (Tensor): [N].
+            image_mix (dict | None): the image-level mix of the batch (``index``, ``lam``).
         Returns:
             dict[str, Tensor]: named scalar losses.
         """
@@ -223,8 +336,10 @@ class PMM(ReidMetaArch):
             tag = f"stage{k + 1}"
             if "CrossEntropyLoss" in self.loss_names:
                 ce = cross_entropy_loss(s["logits"], targets, eps, alpha)
-                mix = s["mix"]
-                if mix is not None and self.mix.mixes_labels:
+                mix = s["mix"] if self.mix.mixes_labels else None
+                if image_mix is not None and image_mix["index"] is not None:
+                    mix = image_mix
+                if mix is not None:
                     lam = mix["lam"]
                     other = cross_entropy_loss(s["logits"], targets[mix["index"]], eps, alpha)
                     ce = lam * ce + (1.0 - lam) * other

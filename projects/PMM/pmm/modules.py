@@ -1,11 +1,21 @@
 """PMM's training-time pieces: cheap exact Grad-CAM (spec §6.3), block ranking (§2.2 Eq. 1),
 attentive Hard-Mix (Eq. 2) and the alternatives of Tab. 3 / BDB, all on feature maps.
 
+Block geometry: the paper ranks 3 x 2 blocks on the 24 x 8 map of a 384 x 128 input (§3.1;
+official code ``CutMixBatchDrop``, which hard-codes that grid of 8 x 4 = 32 blocks), so its
+top-K blocks are K / 32 of the map (K = 3: 18 / 192 = 9.375 %). Here the *grid* is fixed
+(``MODEL.PMM.BLOCK_GRID``, [8, 4]) and the block size is derived from the map,
+``(H / 8, W / 4)``, so the replaced fraction stays K / 32 at every input size; a map the grid
+does not divide is refused (:func:`grid_block_size`).
+
 Every function here is used in training only; none of them is part of the eval graph.
 """
 
 import torch
 from torch import nn
+
+#: The paper's block grid: its 24 x 8 map (384 x 128, stride 16) cut into 3 x 2 blocks.
+PAPER_BLOCK_GRID = (24 // 3, 8 // 2)
 
 
 def grad_cam(logits, targets, pooled, fmap, retain_graph=True):
@@ -54,8 +64,45 @@ def check_blocks(height, width, block_size, topk):
     return nh, nw
 
 
-def _blocks_to_mask(keep, block_size):
-    """[N, nh, nw] block mask -> [N, 1, nh b_h, nw b_w] pixel mask."""
+def grid_block_size(height, width, grid, topk=0):
+    """The block size that cuts an H x W map into the ``grid`` of blocks (§2.2, fixed grid).
+
+    Keeping the number of blocks fixed keeps the replaced fraction, ``topk / (rows cols)``,
+    the paper's at every map size (8 x 4 grid: K / 32, i.e. 3 x 2 blocks on 24 x 8, 2 x 2 on
+    the 16 x 8 map of 256 x 128 (spec §6.6), 1 x 1 on 8 x 4, 6 x 4 on 48 x 16).
+
+    Args:
+        height, width (int): map size H, W.
+        grid (tuple[int, int]): number of block rows and columns (``MODEL.PMM.BLOCK_GRID``).
+        topk (int): K, checked against the number of blocks.
+    Returns:
+        tuple[int, int]: (b_h, b_w) = (H / rows, W / cols).
+    Raises:
+        ValueError: the grid does not divide the map, or K exceeds the number of blocks.
+    """
+    rows, cols = int(grid[0]), int(grid[1])
+    if rows < 1 or cols < 1 or height % rows or width % cols:
+        raise ValueError(
+            f"MODEL.PMM.BLOCK_GRID={[rows, cols]} does not divide the {height}x{width} feature "
+            f"map: the paper's fraction TOPK / {rows * cols} of blocks needs H a multiple of "
+            f"{rows} and W of {cols} (e.g. INPUT.SIZE_TRAIN [128, 64] -> 8x4, [256, 128] -> "
+            "16x8, [384, 128] -> 24x8 with MODEL.PMM.LAYER3_STRIDE 2 and "
+            "MODEL.BACKBONE.LAST_STRIDE 1)"
+        )
+    if not 0 <= int(topk) <= rows * cols:
+        raise ValueError(f"MODEL.PMM.TOPK={topk}; expected 0..{rows * cols} blocks")
+    return height // rows, width // cols
+
+
+def blocks_to_mask(keep, block_size):
+    """[N, nh, nw] block mask -> [N, 1, nh b_h, nw b_w] pixel mask (each block repeated).
+
+    Args:
+        keep (Tensor): [N, nh, nw].
+        block_size (tuple[int, int]): (b_h, b_w) in output pixels (map cells or image pixels).
+    Returns:
+        Tensor: [N, 1, nh b_h, nw b_w].
+    """
     bh, bw = int(block_size[0]), int(block_size[1])
     return keep.repeat_interleave(bh, 1).repeat_interleave(bw, 2).unsqueeze(1)
 
@@ -90,7 +137,7 @@ def topk_block_mask(scores, topk, block_size):
     if topk > 0:
         idx = flat.topk(topk, dim=1).indices
         keep.scatter_(1, idx, 0.0)
-    return _blocks_to_mask(keep.view(n, nh, nw), block_size)
+    return blocks_to_mask(keep.view(n, nh, nw), block_size)
 
 
 def attentive_mask(cam, topk, block_size):
@@ -193,10 +240,14 @@ def batch_drop_mask(n, height, width, h_ratio, w_ratio, device=None, dtype=torch
 class FeatureMix(nn.Module):
     """The feature augmentation between two stages (§2.2-2.3), training only.
 
+    Block-based modes (``hard_mix``, ``cutout``, ``attentive_cutmix``) cut each map into the
+    fixed ``block_grid`` (block size derived from the map by :func:`grid_block_size`), so K
+    blocks are always ``topk / (rows cols)`` of it.
+
     Args:
         mode (str): "hard_mix", "cutout", "cutmix", "attentive_cutmix", "bdb" or "none".
         block_choice (str): "attentive" or "random" (hard_mix and cutout).
-        block_size (tuple[int, int]): (b_h, b_w).
+        block_grid (tuple[int, int]): number of block rows and columns (paper: 8 x 4).
         topk (int): K.
         bdb_ratios (tuple[float, float]): BDB's (height, width) ratios.
         cutmix_alpha (float): CutMix's Beta parameter.
@@ -204,9 +255,10 @@ class FeatureMix(nn.Module):
 
     MODES = ("hard_mix", "cutout", "cutmix", "attentive_cutmix", "bdb", "none")
     CHOICES = ("attentive", "random")
+    BLOCK_MODES = ("hard_mix", "cutout", "attentive_cutmix")
 
-    def __init__(self, mode, block_choice, block_size, topk, bdb_ratios=(0.33, 1.0),
-                 cutmix_alpha=1.0):  # fmt: skip
+    def __init__(self, mode, block_choice, block_grid=PAPER_BLOCK_GRID, topk=3,
+                 bdb_ratios=(0.33, 1.0), cutmix_alpha=1.0):  # fmt: skip
         super().__init__()
         if mode not in self.MODES:
             raise ValueError(f"MODEL.PMM.MIX={mode!r}; expected one of {self.MODES}")
@@ -214,13 +266,34 @@ class FeatureMix(nn.Module):
             raise ValueError(
                 f"MODEL.PMM.BLOCK_CHOICE={block_choice!r}; expected one of {self.CHOICES}"
             )
-        if len(block_size) != 2:
-            raise ValueError(f"MODEL.PMM.BLOCK_SIZE={list(block_size)}; expected [b_h, b_w]")
+        if len(block_grid) != 2 or min(int(v) for v in block_grid) < 1:
+            raise ValueError(f"MODEL.PMM.BLOCK_GRID={list(block_grid)}; expected [rows, cols] >= 1")
         self.mode, self.block_choice = mode, block_choice
-        self.block_size = (int(block_size[0]), int(block_size[1]))
+        self.block_grid = (int(block_grid[0]), int(block_grid[1]))
         self.topk = int(topk)
+        if self.mode in self.BLOCK_MODES and not 0 <= self.topk <= self.num_blocks:
+            raise ValueError(f"MODEL.PMM.TOPK={topk}; expected 0..{self.num_blocks} blocks")
         self.bdb_ratios = (float(bdb_ratios[0]), float(bdb_ratios[1]))
         self.cutmix_alpha = float(cutmix_alpha)
+
+    @property
+    def num_blocks(self):
+        """int: blocks per map, rows x cols of the grid (paper: 32)."""
+        return self.block_grid[0] * self.block_grid[1]
+
+    @property
+    def uses_blocks(self):
+        """bool: whether the mode cuts the map into the block grid."""
+        return self.mode in self.BLOCK_MODES
+
+    @property
+    def block_fraction(self):
+        """float: fraction of the map a block mode replaces (or zeroes), K / (rows cols)."""
+        return self.topk / float(self.num_blocks)
+
+    def block_size(self, height, width):
+        """(b_h, b_w) on an H x W map; ValueError when the grid does not divide it."""
+        return grid_block_size(height, width, self.block_grid, self.topk)
 
     @property
     def needs_cam(self):
@@ -259,17 +332,18 @@ class FeatureMix(nn.Module):
             index = torch.randperm(n, device=fmap.device)
             out.update(features=hard_mix(fmap, mask, index), mask=mask, index=index, lam=lam)
             return out
+        block = self.block_size(h, w)
         if self.mode == "attentive_cutmix":
             # the partner's K most salient blocks are pasted onto the anchor (A-CutMix [12])
             index = torch.randperm(n, device=fmap.device)
-            mask = attentive_mask(cam[index], self.topk, self.block_size).to(fmap.dtype)
-            lam = 1.0 - self.topk * self.block_size[0] * self.block_size[1] / float(h * w)
+            mask = attentive_mask(cam[index], self.topk, block).to(fmap.dtype)
+            lam = 1.0 - self.block_fraction
             out.update(features=hard_mix(fmap, mask, index), mask=mask, index=index, lam=lam)
             return out
         if self.block_choice == "attentive":
-            mask = attentive_mask(cam, self.topk, self.block_size).to(fmap.dtype)
+            mask = attentive_mask(cam, self.topk, block).to(fmap.dtype)
         else:
-            mask = random_mask(n, h, w, self.topk, self.block_size, **kw)
+            mask = random_mask(n, h, w, self.topk, block, **kw)
         if self.mode == "cutout":
             out.update(features=fmap * mask, mask=mask)
             return out
