@@ -161,3 +161,94 @@ def run_steps(trainer, steps, terms=()):
 def seeded():
     torch.manual_seed(0)
     np.random.seed(0)
+
+
+#: Test set of the training identities written by :func:`write_training_ids_testset`.
+TRAIN_IDS_TESTSET = ["DATASETS.TESTS", '("Market1501",)']
+#: fast-reid's generic augmentations off: a few dozen iterations must show learning.
+NO_AUGMENTATION = ["INPUT.REA.ENABLED", "False", "INPUT.FLIP.ENABLED", "False",
+                   "INPUT.PADDING.ENABLED", "False"]  # fmt: skip
+
+
+def write_training_ids_testset(cfg):
+    """Write the training images of ``cfg``'s SyntheticReID as a Market-1501 test set beside it.
+
+    The first image of every (identity, camera) is a query, the others are the gallery, so an
+    evaluation asks for the cross-camera retrieval of the identities the model is trained on:
+    what a few dozen iterations from random initialisation can learn (unseen identities need
+    hundreds). An untrained network ranks by camera (illumination and background), below a
+    random ranking. Select it with :data:`TRAIN_IDS_TESTSET`.
+
+    Args:
+        cfg (CfgNode): config whose ``DATASETS.NAMES`` is ``("SyntheticReID",)``.
+    Returns:
+        tuple[int, int]: number of query and gallery images.
+    """
+    import shutil
+
+    from reidzoo.data.build import build_dataset
+    from reidzoo.data.synthetic import parse_name
+
+    data = build_dataset(cfg, "SyntheticReID")
+    root = os.path.dirname(os.path.dirname(data.dataset_dir))
+    base = os.path.join(root, "Market-1501-v15.09.15")
+    for sub in ("bounding_box_train", "query", "bounding_box_test"):
+        os.makedirs(os.path.join(base, sub), exist_ok=True)
+    seen, counts = set(), {"query": 0, "bounding_box_test": 0}
+    for name in sorted(os.listdir(data.train_dir)):
+        pid, cam, _ = parse_name(name)
+        sub = "bounding_box_test" if (pid, cam) in seen else "query"
+        seen.add((pid, cam))
+        shutil.copyfile(os.path.join(data.train_dir, name), os.path.join(base, sub, name))
+        counts[sub] += 1
+    return counts["query"], counts["bounding_box_test"]
+
+
+def evaluate_on_training_ids(cfg, model):
+    """Evaluate ``model`` on the :func:`write_training_ids_testset` set, as training does.
+
+    Returns:
+        dict: fast-reid's metrics (``mAP``, ``Rank-1``, ... in percent).
+    """
+    from reidzoo.engine import ReidTrainer
+
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.merge_from_list(TRAIN_IDS_TESTSET)
+    return dict(ReidTrainer.test(cfg, model))
+
+
+def train_then_eval_only(config_file, opts, out, iters):
+    """Train ``iters`` iterations with train_net's ``main`` (the real loop and hooks) into
+    ``out/run``, evaluating on the training identities at the end, then ``--eval-only`` its
+    ``model_final.pth`` into ``out/eval``.
+
+    Args:
+        config_file (str)
+        opts (list[str]): KEY VALUE overrides (dataset root, sizes, ...).
+        out (pathlib.Path): a fresh folder.
+        iters (int): training iterations (LR constant: no step before the end).
+    Returns:
+        tuple[dict, dict]: the ``results`` of the training-time ``results.json`` and of
+        ``--eval-only``'s ``results_eval.json``.
+    """
+    import json
+
+    from reidzoo.engine import default_argument_parser, main
+
+    run, ev = str(out / "run"), str(out / "eval")
+    schedule = ["SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS", f"[{iters + 1}]",
+                "SOLVER.WARMUP_ITERS", "0", "SOLVER.CHECKPOINT_PERIOD", str(iters),
+                "TEST.EVAL_PERIOD", str(iters)]  # fmt: skip
+    opts = [*opts, *NO_AUGMENTATION, *TRAIN_IDS_TESTSET, *schedule]
+    main(default_argument_parser().parse_args(
+        ["--config-file", config_file, *opts, "OUTPUT_DIR", run]))  # fmt: skip
+    with open(os.path.join(run, "results.json")) as f:
+        trained = json.load(f)
+    main(default_argument_parser().parse_args(
+        ["--config-file", config_file, "--eval-only", *opts, "OUTPUT_DIR", ev,
+         "MODEL.WEIGHTS", os.path.join(run, "model_final.pth")]))  # fmt: skip
+    with open(os.path.join(ev, "results_eval.json")) as f:
+        evaluated = json.load(f)
+    assert trained["datasets"] == evaluated["datasets"] == ["Market1501"]
+    return trained["results"], evaluated["results"]

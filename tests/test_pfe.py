@@ -24,7 +24,15 @@ from reidzoo.projects.pfe.meta_arch import bnneck, classifier
 
 from reidzoo import complexity
 from reidzoo.config import setup_cfg
-from tests.conftest import REPO, TINY_SYNTH, fix_batch, run_steps
+from tests.conftest import (
+    REPO,
+    TINY_SYNTH,
+    evaluate_on_training_ids,
+    fix_batch,
+    run_steps,
+    train_then_eval_only,
+    write_training_ids_testset,
+)
 
 CONFIGS = os.path.join(REPO, "projects", "PFE", "configs")
 MARKET1 = os.path.join(CONFIGS, "PFE_R50_Market1501_stage1.yml")
@@ -300,13 +308,20 @@ def _steps(trainer, n):
 
 
 def test_two_stage_training_freeze_and_eval_only(tmp_path):
-    from reidzoo.engine import ReidTrainer, default_argument_parser, main
+    """Stage I and stage II (frozen main branch) on one batch each; then 40 real stage-I
+    iterations (train_net's main, hooks and all) retrieve the training identities across
+    cameras, 10 real stage-II iterations from its ``model_final.pth`` keep that, and
+    ``--eval-only`` on each saved ``model_final.pth`` gives exactly its training-time
+    ``results.json``."""
+    from reidzoo.engine import ReidTrainer
 
     opts = TINY_SYNTH + ["DATASETS.ROOT", str(tmp_path / "data"), "SOLVER.MAX_EPOCH", "1"]
     # stage I: main branch, L_ID = CE + triplet (Eq. 6)
     cfg1 = setup_cfg(CI1, opts + ["OUTPUT_DIR", str(tmp_path / "s1")])
+    assert write_training_ids_testset(cfg1) == (16, 16)
     torch.manual_seed(0)
     t1 = ReidTrainer(cfg1)
+    untrained = evaluate_on_training_ids(t1.cfg, t1.model)
     names, totals = _steps(t1, 5)
     assert names == {"loss_cls", "loss_triplet"}
     assert all(math.isfinite(v) for v in totals) and totals[-1] < totals[0], totals
@@ -314,7 +329,6 @@ def test_two_stage_training_freeze_and_eval_only(tmp_path):
     ckpt = str(tmp_path / "s1" / "model_final.pth")
 
     # stage II: stage I's weights (non-strict), main branch frozen with BN in eval mode
-    num_classes = str(t1.cfg.MODEL.HEADS.NUM_CLASSES)
     cfg2 = setup_cfg(CI2, opts + ["OUTPUT_DIR", str(tmp_path / "s2"), "MODEL.WEIGHTS", ckpt,
                                   "SOLVER.BASE_LR", "0.001"])  # fmt: skip
     t2 = ReidTrainer(cfg2)
@@ -341,12 +355,13 @@ def test_two_stage_training_freeze_and_eval_only(tmp_path):
     assert any("running_mean" in k for k in frozen) and any("num_batches" in k for k in frozen)
     assert all(not torch.equal(after[k], v) for k, v in side.items())  # side branches learn
     assert all(not torch.equal(after[k], v) for k, v in side_stats.items())
-    t2.checkpointer.save("model_final")
 
-    args = default_argument_parser().parse_args(
-        ["--config-file", CI2, "--eval-only", *opts, "OUTPUT_DIR", str(tmp_path / "ev"),
-         "MODEL.WEIGHTS", str(tmp_path / "s2" / "model_final.pth"),
-         "MODEL.HEADS.NUM_CLASSES", num_classes]
-    )  # fmt: skip
-    results = main(args)
-    assert 0 <= results["mAP"] <= 100 and 0 <= results["Rank-1"] <= 100
+    real = TINY_SYNTH + ["DATASETS.ROOT", str(tmp_path / "data")]
+    s1, s1_eval = train_then_eval_only(CI1, real, tmp_path / "real1", 40)
+    assert s1_eval == s1
+    weights = ["MODEL.WEIGHTS", str(tmp_path / "real1" / "run" / "model_final.pth")]
+    s2, s2_eval = train_then_eval_only(CI2, real + weights, tmp_path / "real2", 10)
+    assert s2_eval == s2  # frozen BN statistics and side branches saved as evaluated
+    # measured (REIDZOO.SEED 0): untrained 9.0 (it ranks by camera; a random ranking scores
+    # 22.1); stage I after 35 / 40 / 45 iterations 72.1 / 82.8 / 92.7; stage II 79.7
+    assert untrained["mAP"] < 15 and s1["mAP"] > 50 and s2["mAP"] > 50, (untrained, s1, s2)
