@@ -127,7 +127,10 @@ class AbsoluteLR(torch.optim.lr_scheduler.LRScheduler):
 
     def get_lr(self):
         it = max(self.last_epoch, 0)
-        return [self.lr_at(base, it) for base in self.base_lrs]
+        # fast-reid makes one group per parameter (hundreds) sharing a few base rates: compute
+        # each distinct rate once per step.
+        rates = {base: self.lr_at(base, it) for base in set(self.base_lrs)}
+        return [rates[base] for base in self.base_lrs]
 
     def _get_closed_form_lr(self):
         return self.get_lr()

@@ -15,11 +15,13 @@ from reidzoo.projects.rmgl import (
     CropResizeShift,
     RandomShift,
     abp_split_points,
+    channel_peaks,
     masked_stripe_pool,
     receptive_field,
     receptive_partition,
     stripe_masks,
 )
+from reidzoo.projects.rmgl.maps import argmax_counts
 
 from reidzoo import complexity
 from reidzoo.config import get_cfg, setup_cfg
@@ -33,17 +35,23 @@ CI = os.path.join(CONFIGS, "RMGL_R18_synthetic_ci.yml")
 # ----------------------------------------------------------------------------- ABP (Eq. 8-10)
 
 
-def _slow_split_points(x, parts):
-    """Per sample, per channel, with Python loops: Eq. 8 (first argmax), Eq. 9 (1-indexed
-    cumulative histogram), Eq. 10 (h_k = max{h : Hx(h) <= k C / n_s}), then >= 1 row each."""
+def _slow_split_points(x, parts, ties="strict"):
+    """Per sample, per channel, with Python loops: Eq. 8 (strict: I = 1 where every other
+    position is strictly smaller; first: the first maximum), Eq. 9 (1-indexed cumulative
+    histogram), Eq. 10 (h_k = max{h : Hx(h) <= k C / n_s}), then >= 1 row each."""
     n, c, h, w = x.shape
     out = []
     for i in range(n):
         cnt = [0] * h
         for ch in range(c):
             flat = x[i, ch].flatten().tolist()
-            best = max(range(h * w), key=lambda j: (flat[j], -j))  # first maximum
-            cnt[best // w] += 1
+            if ties == "first":
+                best = max(range(h * w), key=lambda j: (flat[j], -j))  # first maximum
+                cnt[best // w] += 1
+                continue
+            for j, v in enumerate(flat):  # Eq. 8, literally
+                if all(o < v for k, o in enumerate(flat) if k != j):
+                    cnt[j // w] += 1
         hx = [sum(cnt[:r]) for r in range(h + 1)]  # hx[r] = Hx(r), Hx(0) = 0
         bounds = [0]
         for k in range(1, parts):
@@ -64,19 +72,72 @@ def _peaked(n, c, h, w, rows, seed):
     return x
 
 
+@pytest.mark.parametrize("ties", ["strict", "first"])
 @pytest.mark.parametrize("parts", [2, 3, 4])
-def test_abp_split_points_equal_slow_reference(parts):
+def test_abp_split_points_equal_slow_reference(parts, ties):
+    g = torch.Generator().manual_seed(10 + parts)
     cases = [
         torch.randn(4, 24, 8, 3, generator=torch.Generator().manual_seed(parts)),
         _peaked(3, 24, 8, 3, [0], seed=1),  # every maximum in row 0: clamping
         _peaked(3, 24, 8, 3, [7], seed=2),  # every maximum in the last row
         _peaked(3, 24, 8, 3, [1, 5], seed=3),
-        torch.zeros(2, 24, 8, 3),  # all ties: first occurrence -> row 0
+        torch.zeros(2, 24, 8, 3),  # all ties: strict -> counted nowhere, first -> row 0
+        torch.randint(0, 3, (3, 24, 8, 3), generator=g).float(),  # many tied maxima
+        torch.relu(torch.randn(3, 24, 4, 2, generator=g) - 1.5),  # dead (all-zero) channels
     ]
     for x in cases:
-        got = abp_split_points(x, parts)
+        got = abp_split_points(x, parts, ties)
         assert got.dtype == torch.int64 and got.shape == (x.shape[0], parts + 1)
-        assert got.tolist() == _slow_split_points(x, parts)
+        assert got.tolist() == _slow_split_points(x, parts, ties)
+
+
+def _tied_map():
+    """[1, 8, 6, 2]: channels 0-4 peak once, at rows 5, 4, 3, 5, 2; channel 5 reaches its
+    maximum at (1, 1) and (4, 0); channels 6 and 7 are all zero."""
+    x = torch.full((1, 8, 6, 2), 0.5)
+    x[0, 6:] = 0.0
+    for ch, (r, col) in enumerate([(5, 0), (4, 1), (3, 0), (5, 1), (2, 1)]):
+        x[0, ch, r, col] = 2.0
+    x[0, 5, 1, 1] = x[0, 5, 4, 0] = 3.0
+    return x
+
+
+@pytest.mark.parametrize(
+    "ties, counts, splits",
+    [
+        # Eq. 8: channels 5-7 have no strict maximum. Histogram per row [0, 0, 1, 1, 1, 2],
+        # Hx = [0, 0, 1, 2, 3, 5] against k C / n_s with C = 8: n_s = 2: Hx <= 4 on rows 0-4
+        # -> h_1 = 5; n_s = 3: Hx <= 8/3 on rows 0-3 -> 4, Hx <= 16/3 on all 6 rows -> 6,
+        # clamped to H - 1 = 5 so that the last stripe keeps a row.
+        ("strict", [0, 0, 1, 1, 1, 2], {2: [0, 5, 6], 3: [0, 4, 5, 6]}),
+        # first maximum: channel 5 at row 1 ((1, 1) precedes (4, 0)), channels 6-7 at row 0.
+        # Histogram [2, 1, 1, 1, 1, 2], Hx = [2, 3, 4, 5, 6, 8]: n_s = 2: Hx <= 4 on rows 0-2
+        # -> 3; n_s = 3: Hx <= 8/3 on row 0 -> 1, Hx <= 16/3 on rows 0-3 -> 4.
+        ("first", [2, 1, 1, 1, 1, 2], {2: [0, 3, 6], 3: [0, 1, 4, 6]}),
+    ],
+)
+def test_abp_tied_and_zero_channels(ties, counts, splits):
+    x = _tied_map()
+    index, counted = channel_peaks(x, ties)
+    assert index[0, :5].tolist() == [10, 9, 6, 11, 5] and index[0, 5].item() == 3
+    assert counted[0].tolist() == ([True] * 5 + [False] * 3 if ties == "strict" else [True] * 8)
+    assert argmax_counts(x, ties)[0].sum(dim=1).tolist() == counts
+    for parts, expected in splits.items():
+        assert abp_split_points(x, parts, ties)[0].tolist() == expected
+        # the stripes the module pools are those rows (max over each stripe)
+        got = ActivationBalancedPooling(parts, "max", ties)(x)[0]
+        ref = [x[0, :, a:b].amax(dim=(1, 2)) for a, b in zip(expected[:-1], expected[1:])]
+        assert torch.equal(got, torch.stack(ref))
+
+
+def test_abp_ties_switch_reaches_the_model():
+    for ties in ("strict", "first"):
+        cfg = setup_cfg(CI, ["MODEL.RMGL.ABP_TIES", ties])
+        model = build_model(cfg)
+        assert [m.ties for m in model.abp if isinstance(m, ActivationBalancedPooling)] == [ties] * 2
+    assert get_cfg().MODEL.RMGL.ABP_TIES == "strict"
+    with pytest.raises(ValueError, match="ABP_TIES='last'"):
+        build_model(setup_cfg(CI, ["MODEL.RMGL.ABP_TIES", "last"]))
 
 
 def test_abp_stripes_as_balanced_as_eq10_allows():

@@ -11,6 +11,7 @@ from .meta_arch import RMGL, RMGLHeads
 from .modules import (
     ActivationBalancedPooling,
     abp_split_points,
+    channel_peaks,
     check_partition,
     masked_stripe_pool,
     receptive_field,
@@ -32,6 +33,7 @@ __all__ = [
     "RandomShift",
     "abp_split_points",
     "add_rmgl_config",
+    "channel_peaks",
     "check_partition",
     "masked_stripe_pool",
     "receptive_field",

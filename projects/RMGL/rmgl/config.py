@@ -37,6 +37,12 @@ def add_rmgl_config(cfg):
             "ABP_TEST": True,
             # Pooling inside ABP stripes: "max" (§III-A GMP, default) or "avg" (Eq. 11).
             "ABP_POOL": "max",
+            # How Eq. 8 counts a channel whose spatial maximum is tied (all-zero channels
+            # included): "strict" = Eq. 8's indicator is 1 only where every other position is
+            # strictly smaller, so such a channel counts in no row (default); "first" = at its
+            # first maximal position in row-major order (torch.argmax: an all-zero channel
+            # counts at row 0), reidzoo's rule before this switch.
+            "ABP_TIES": "strict",
             # Pooling of global features, uniform stripes and RP stripes: "max" (§III-A GMP)
             # or "avg".
             "POOL": "max",

@@ -6,7 +6,7 @@ import torch
 from reidzoo.visualize.overlay import MAP_REGISTRY, MapPanel, MapProducer
 
 from .meta_arch import RMGL
-from .modules import abp_split_points, check_partition, receptive_partition
+from .modules import abp_split_points, channel_peaks, check_partition, receptive_partition
 
 
 def branch_final_maps(model, x):
@@ -42,18 +42,21 @@ def branch_final_maps(model, x):
     return out
 
 
-def argmax_counts(x):
-    """Number of channels whose spatial maximum (first occurrence, Eq. 8) is at each position.
+def argmax_counts(x, ties="strict"):
+    """Number of channels whose spatial maximum is at each position (Eq. 8 summed over c).
 
     Args:
         x (Tensor): [N, C, h, w].
+        ties (str): how a channel whose maximum is tied counts (``MODEL.RMGL.ABP_TIES``):
+            "strict" nowhere, "first" at its first maximal position.
     Returns:
-        Tensor: [N, h, w] counts (they sum to C).
+        Tensor: [N, h, w] counts (they sum to C with "first", to the number of channels with a
+        unique maximum with "strict").
     """
     n, c, h, w = x.shape
-    idx = x.flatten(2).argmax(dim=2)  # [N, C]
+    idx, counted = channel_peaks(x, ties)  # [N, C]
     counts = torch.zeros(n, h * w, device=x.device)
-    counts.scatter_add_(1, idx, torch.ones_like(idx, dtype=counts.dtype))
+    counts.scatter_add_(1, idx, counted.to(counts.dtype))
     return counts.reshape(n, h, w)
 
 
@@ -79,8 +82,8 @@ class RMGLMaps(MapProducer):
             h = y.shape[2]
             uniform = [j / k for j in range(1, k)]
             if k > 1:
-                bounds = abp_split_points(y, k)[:, 1:-1].float() / h  # [N, K - 1]
-            counts = argmax_counts(y)
+                bounds = abp_split_points(y, k, model.abp_ties)[:, 1:-1].float() / h
+            counts = argmax_counts(y, model.abp_ties)
             for i, kinds in enumerate(result):
                 abp_rows = tuple(bounds[i].tolist()) if k > 1 else ()
                 rows = abp_rows if model.abp_test else tuple(uniform)

@@ -137,6 +137,7 @@ class RMGL(ReidMetaArch):
         self.paths = r.PATHS
         self.pool = r.POOL
         self.abp_train, self.abp_test = bool(r.ABP_TRAIN), bool(r.ABP_TEST)
+        self.abp_ties = r.ABP_TIES
 
         backbone = build_staged_resnet(cfg)
         # Segments of every branch's path: shared trunk segments, then the branch's copies.
@@ -164,7 +165,7 @@ class RMGL(ReidMetaArch):
         self.rp_index = 0 if r.RP_POSITION == "input" else names.index(r.RP_POSITION) + 1
 
         self.abp = nn.ModuleList(
-            ActivationBalancedPooling(k, r.ABP_POOL) if k > 1 else nn.Identity()
+            ActivationBalancedPooling(k, r.ABP_POOL, r.ABP_TIES) if k > 1 else nn.Identity()
             for k in self.granularities
         )
         channels = backbone.channels["layer4"]

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 POOLS = ("max", "avg")
+#: How ABP counts a channel whose spatial maximum is tied (:func:`channel_peaks`).
+TIES = ("strict", "first")
 
 
 def check_partition(height, parts, stride):
@@ -79,17 +81,49 @@ def receptive_partition(x, fn, parts):
     return unstack_stripes(fn(stack_stripes(x, parts)), parts)
 
 
-def abp_split_points(x, parts):
+def channel_peaks(x, ties="strict"):
+    """Where each channel's spatial maximum is, and whether Eq. 8 counts it.
+
+    Eq. 8 sets ``I_x(h, w, c) = 1`` when every other position of channel ``c`` is strictly
+    smaller than ``x[h, w, c]`` and ``0`` when some position is strictly larger; a channel whose
+    maximum is reached at several positions (all-zero channels after a ReLU included) satisfies
+    neither case. ``ties="strict"`` reads the first case as the definition: such a channel has
+    no maximum and counts nowhere. ``ties="first"`` counts it at its first maximal position in
+    row-major order (``torch.argmax``; an all-zero channel at row 0), reidzoo's rule before the
+    switch existed.
+
+    Args:
+        x (Tensor): [N, C, H, W].
+        ties (str): "strict" or "first".
+    Returns:
+        tuple[Tensor, Tensor]: ``index`` [N, C] int64, the row-major position ``h * W + w`` of
+        the (first) maximum, and ``counts`` [N, C] bool, whether ``I_x`` is 1 there.
+    """
+    if ties not in TIES:
+        raise ValueError(f"MODEL.RMGL.ABP_TIES={ties!r}; expected one of {TIES}")
+    flat = x.flatten(2)  # [N, C, H * W]
+    index = flat.argmax(dim=2)
+    if ties == "first":
+        return index, torch.ones_like(index, dtype=torch.bool)
+    peak = flat.amax(dim=2, keepdim=True)
+    return index, (flat == peak).sum(dim=2) == 1
+
+
+def abp_split_points(x, parts, ties="strict"):
     """Per-sample stripe boundaries of activation-balanced pooling (Eq. 8-10).
 
-    ``cnt[h]`` counts the channels whose spatial argmax (first occurrence, Eq. 8) lies in row
-    h; ``Hx`` is its cumulative sum (Eq. 9); ``h_k = #{rows r : Hx(r) <= k C / n_s}`` (Eq. 10,
-    0-indexed), clamped to ``[h_{k-1} + 1, H - (n_s - k)]`` so every stripe has >= 1 row.
-    Uses argmax / comparisons / cumsum only.
+    ``cnt[h]`` counts the channels whose maximum lies in row h (Eq. 8, see
+    :func:`channel_peaks` for channels whose maximum is tied); ``Hx`` is its cumulative sum
+    (Eq. 9); ``h_k = #{rows r : Hx(r) <= k C / n_s}`` (Eq. 10, 0-indexed, with ``C`` all the
+    channels of ``x`` as the paper writes it, counted or not), clamped to
+    ``[h_{k-1} + 1, H - (n_s - k)]`` so every stripe has >= 1 row. Uses argmax / amax /
+    comparisons / cumsum only.
 
     Args:
         x (Tensor): [N, C, H, W] final feature map of the original path.
         parts (int): n_s, 1 <= n_s <= H.
+        ties (str): "strict" (Eq. 8: a channel without a unique maximum counts nowhere) or
+            "first" (it counts at its first maximal position).
     Returns:
         Tensor: [N, n_s + 1] int64 boundaries, ``b[:, 0] = 0``, ``b[:, n_s] = H``; stripe k
         is rows ``b[:, k] <= r < b[:, k + 1]``.
@@ -97,9 +131,11 @@ def abp_split_points(x, parts):
     n, c, h, w = x.shape
     if not 1 <= parts <= h:
         raise ValueError(f"ABP: cannot cut a map of height {h} into {parts} non-empty stripes")
-    rows = torch.div(x.flatten(2).argmax(dim=2), w, rounding_mode="floor")  # [N, C]
+    index, counted = channel_peaks(x, ties)
+    rows = torch.div(index, w, rounding_mode="floor")  # [N, C]
     grid = torch.arange(h, device=x.device)
-    counts = (rows.unsqueeze(-1) == grid).to(torch.float32).sum(dim=1)  # [N, H], Eq. 8
+    hit = (rows.unsqueeze(-1) == grid) & counted.unsqueeze(-1)  # [N, C, H]
+    counts = hit.to(torch.float32).sum(dim=1)  # [N, H], Eq. 8 summed over w and c
     cum = torch.cumsum(counts, dim=1)  # Eq. 9
     bounds = [torch.zeros_like(cum[:, 0]).long()]
     for k in range(1, parts):
@@ -178,30 +214,34 @@ def uniform_stripe_pool(x, parts, mode="max"):
 
 
 class ActivationBalancedPooling(nn.Module):
-    """ABP (§III-C): stripes with balanced numbers of channel-argmax locations, then pooled.
+    """ABP (§III-C): stripes with balanced numbers of channel maxima (Eq. 8-10), then pooled.
 
     Args:
         parts (int): n_s.
         mode (str): "max" (default, §III-A) or "avg" (Eq. 11).
+        ties (str): "strict" (Eq. 8, default) or "first", see :func:`channel_peaks`.
     """
 
-    def __init__(self, parts, mode="max"):
+    def __init__(self, parts, mode="max", ties="strict"):
         super().__init__()
         if mode not in POOLS:
             raise ValueError(f"MODEL.RMGL.ABP_POOL={mode!r}; expected one of {POOLS}")
+        if ties not in TIES:
+            raise ValueError(f"MODEL.RMGL.ABP_TIES={ties!r}; expected one of {TIES}")
         self.parts = int(parts)
         self.mode = mode
+        self.ties = ties
 
     def forward(self, x):
         """Args:
             x (Tensor): [N, C, H, W].
         Returns:
             Tensor: [N, n_s, C] stripe features."""
-        bounds = abp_split_points(x.detach(), self.parts)
+        bounds = abp_split_points(x.detach(), self.parts, self.ties)
         return masked_stripe_pool(x, stripe_masks(bounds, x.shape[2]), self.mode)
 
     def extra_repr(self):
-        return f"parts={self.parts}, mode={self.mode}"
+        return f"parts={self.parts}, mode={self.mode}, ties={self.ties}"
 
 
 def _pair(v):
