@@ -51,11 +51,20 @@ def add_pan_config(cfg):
             # Inner dimension D of phi and psi per PAM stage (Eq. 2; Table 2: 128, 256, or
             # (256, 512, 1024); §4.2 chooses 256). Unused by the conv / identity connections.
             "PAM_DIMS": [256, 256, 256],
+            # Normalisation of each PAM output Z^l, per channel over the batch and the parts
+            # (fast-reid norm type, e.g. "BN"; "" = none, Eq. 1-3 literally). Not in the paper:
+            # Z is trilinear in phi, psi, f and X^l, and without it Z's norm grows from ~6 to
+            # 1e3-1e9 within a few SGD steps at the paper's LR 0.1 from random init, even with
+            # cross-entropy alone (README, "Training from random initialisation").
+            "PAM_NORM": "BN",
             # Fusion of P_i with the PAM outputs Z^l_i (Table 2): "concat" (PAN_c, the SOTA
             # model) or "add" (PAN_a; f maps C_l -> C of P).
             "FUSION": "concat",
             # Output width of each part's 1x1 embedding layer (§4.1, "256 for each embedding").
             "EMBED_DIM": 256,
+            # Standard deviation of the normal initialisation of the bias-free part classifiers
+            # (the paper names none; 0.001 is BNNeck's [47] and fast-reid's).
+            "CLS_INIT_STD": 0.001,
             # BNNeck [47] after each embedding (§4.3 uses it for the SOTA numbers; Table 2 is
             # without it).
             "BNNECK": True,

@@ -92,7 +92,7 @@ class PANHead(nn.Module):
         self.pam = nn.ModuleDict(
             {
                 s: PAM(channels[s], feat_dim, int(d), channels[s] if self.fusion == "concat"
-                       else feat_dim)
+                       else feat_dim, norm=pc.PAM_NORM)
                 for s, d in zip(self.pam_stages, pc.PAM_DIMS)
             }
         )  # fmt: skip
@@ -161,7 +161,7 @@ class PANHead(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
         for m in self.classifiers:
-            nn.init.normal_(m.weight, std=0.001)
+            nn.init.normal_(m.weight, std=float(pc.CLS_INIT_STD))
 
     @property
     def out_dim(self):

@@ -187,19 +187,30 @@ class PAM(nn.Module):
     with K << D the K x M compatibility map is the smaller intermediate (6 x 3,072 on layer1
     at 384x128 against 256 x 256). Runs in float32 under autocast.
 
+    ``norm`` (``MODEL.PAN.PAM_NORM``; not in the paper) adds a normalisation layer on Z, per
+    output channel over the batch and the K parts: ``Z <- BN(Z)``. Z is trilinear in the block's
+    weights (phi, psi, f) and in X^l, so nothing bounds its scale; from random initialisation
+    under the paper's learning rate of 0.1 it grows by orders of magnitude within a few steps
+    (README). After the norm Z is invariant to the scale of phi, psi and f.
+
     Args:
         in_channels (int): C_l of X^l.
         part_dim (int): C_p of the part vectors.
         inner_dim (int): D.
         out_dim (int): channels of Z (C_l for PAN_c, C_p for PAN_a).
+        norm (str): fast-reid norm type applied to Z ("BN", "syncBN", ...), or "" for none
+            (Eq. 1-3 literally).
     """
 
-    def __init__(self, in_channels, part_dim, inner_dim=256, out_dim=None):
+    def __init__(self, in_channels, part_dim, inner_dim=256, out_dim=None, norm=""):
         super().__init__()
         out_dim = in_channels if out_dim is None else out_dim
         self.phi = nn.Conv2d(part_dim, inner_dim, 1)
         self.psi = nn.Conv2d(in_channels, inner_dim, 1)
         self.f = nn.Conv2d(in_channels, out_dim, 1)  # PyTorch's default init (paper: none)
+        self.norm = get_norm(norm, out_dim) if norm else None
+        if self.norm is not None:
+            _init_conv_bn(self.norm)
 
     def _theta(self, parts, x):
         """Float32 compatibility map theta [N, K, M] and X flattened [N, C_l, M]."""
@@ -234,6 +245,8 @@ class PAM(nn.Module):
             z = torch.matmul(pooled, self.f.weight.flatten(1).t())  # [N, K, O]
             if self.f.bias is not None:
                 z = z + theta.mean(-1, keepdim=True) * self.f.bias
+            if self.norm is not None:  # per channel over N x K: [N, O, K, 1] for a 2-d norm
+                z = self.norm(z.transpose(1, 2).unsqueeze(-1)).squeeze(-1).transpose(1, 2)
             return z
 
 
