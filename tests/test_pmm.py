@@ -27,7 +27,15 @@ from reidzoo.projects.pmm import (
 
 from reidzoo import complexity
 from reidzoo.config import setup_cfg
-from tests.conftest import REPO, TINY_SYNTH, fix_batch, run_steps
+from tests.conftest import (
+    REPO,
+    TINY_SYNTH,
+    evaluate_on_training_ids,
+    fix_batch,
+    run_steps,
+    train_then_eval_only,
+    write_training_ids_testset,
+)
 
 CONFIGS = os.path.join(REPO, "projects", "PMM", "configs")
 MARKET = os.path.join(CONFIGS, "PMM_R50_Market1501.yml")
@@ -606,26 +614,31 @@ def test_cutout_inside_fastreid_pipeline_for_baseline(tmp_path):
 
 
 def test_trains_on_demo_data_and_eval_only(tmp_path):
-
-    from reidzoo.engine import ReidTrainer, default_argument_parser, main
+    """Five steps on one batch lower the loss; 30 real iterations (train_net's main, hooks and
+    all) retrieve the training identities across cameras, and ``--eval-only`` on the saved
+    ``model_final.pth`` gives exactly the training-time ``results.json``."""
+    from reidzoo.engine import ReidTrainer
 
     opts = TINY_SYNTH + ["INPUT.SIZE_TRAIN", "[128, 64]", "INPUT.SIZE_TEST", "[128, 64]",
                          "DATASETS.ROOT", str(tmp_path / "data"), "OUTPUT_DIR", str(tmp_path),
                          "SOLVER.WARMUP_ITERS", "0"]  # fmt: skip
     cfg = setup_cfg(CI, opts + ["SOLVER.MAX_EPOCH", "1"])
+    assert write_training_ids_testset(cfg) == (16, 16)
     torch.manual_seed(0)
     trainer = ReidTrainer(cfg)
+    untrained = evaluate_on_training_ids(trainer.cfg, trainer.model)
     batch = fix_batch(trainer)
     names = {f"loss_{t}_stage{k}" for t in ("cls", "triplet") for k in (1, 2, 3)}
     assert set(trainer.model(batch)) == names
     losses, terms = run_steps(trainer, 5, names)
     assert all(math.isfinite(v) for t in terms for v in t.values())
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], losses
-    trainer.checkpointer.save("model_final")
-    args = default_argument_parser().parse_args(
-        ["--config-file", CI, "--eval-only", *opts,
-         "MODEL.WEIGHTS", str(tmp_path / "model_final.pth"),
-         "MODEL.HEADS.NUM_CLASSES", str(trainer.cfg.MODEL.HEADS.NUM_CLASSES)]
-    )  # fmt: skip
-    results = main(args)
-    assert 0 <= results["mAP"] <= 100 and 0 <= results["Rank-1"] <= 100
+
+    # the CI recipe, batches of all 8 identities (P = 8 x K = 2): with 4 the batch-hard
+    # triplets see too few negatives to learn in a few dozen iterations
+    real = opts + ["SOLVER.IMS_PER_BATCH", "16"]
+    trained, evaluated = train_then_eval_only(CI, real, tmp_path / "real", 30)
+    assert evaluated == trained
+    # measured (REIDZOO.SEED 0, 128x64): untrained 9.7 (it ranks by camera; a random ranking
+    # scores 22.1), after 15 / 20 / 30 / 40 iterations 9.8 / 26.0 / 100 / 100
+    assert untrained["mAP"] < 15 and trained["mAP"] > 50, (untrained, trained)

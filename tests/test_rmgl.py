@@ -25,7 +25,15 @@ from reidzoo.projects.rmgl.maps import argmax_counts
 
 from reidzoo import complexity
 from reidzoo.config import get_cfg, setup_cfg
-from tests.conftest import REPO, TINY_SYNTH, fix_batch, run_steps
+from tests.conftest import (
+    REPO,
+    TINY_SYNTH,
+    evaluate_on_training_ids,
+    fix_batch,
+    run_steps,
+    train_then_eval_only,
+    write_training_ids_testset,
+)
 
 CONFIGS = os.path.join(REPO, "projects", "RMGL", "configs")
 MARKET = os.path.join(CONFIGS, "RMGL_R50_Market1501.yml")
@@ -475,13 +483,16 @@ def test_export_parity_paper_config(tmp_path, capsys):
 
 
 def test_trains_on_demo_data_and_eval_only(tmp_path):
-
-    from reidzoo.engine import ReidTrainer, default_argument_parser, main
+    """Four steps on one batch lower the loss; 40 real iterations (train_net's main, hooks and
+    all) retrieve the training identities across cameras, and ``--eval-only`` on the saved
+    ``model_final.pth`` gives exactly the training-time ``results.json``."""
+    from reidzoo.engine import ReidTrainer
 
     opts = TINY_SYNTH + ["INPUT.SIZE_TRAIN", "[96, 32]", "INPUT.SIZE_TEST", "[96, 32]",
                          "DATASETS.ROOT", str(tmp_path / "data"), "OUTPUT_DIR", str(tmp_path),
                          "SOLVER.WARMUP_ITERS", "0"]  # fmt: skip
     cfg = setup_cfg(CI, opts + ["SOLVER.MAX_EPOCH", "1"])
+    assert write_training_ids_testset(cfg) == (16, 16)
     torch.manual_seed(0)
     trainer = ReidTrainer(cfg)
     model = trainer.model
@@ -492,6 +503,7 @@ def test_trains_on_demo_data_and_eval_only(tmp_path):
         is_head = all(id(p) in head_ids for p in group["params"])
         assert any(id(p) in head_ids for p in group["params"]) == is_head
         assert group["initial_lr"] == pytest.approx(base * (10.0 if is_head else 1.0))
+    untrained = evaluate_on_training_ids(trainer.cfg, model)
     batch = fix_batch(trainer)
     names = set(model(batch))
     ce = {n for n in names if n.startswith("loss_cls_")}
@@ -499,11 +511,12 @@ def test_trains_on_demo_data_and_eval_only(tmp_path):
     losses, terms = run_steps(trainer, 4, names)
     assert all(math.isfinite(v) for t in terms for v in t.values())
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], losses
-    trainer.checkpointer.save("model_final")
-    args = default_argument_parser().parse_args(
-        ["--config-file", CI, "--eval-only", *opts,
-         "MODEL.WEIGHTS", str(tmp_path / "model_final.pth"),
-         "MODEL.HEADS.NUM_CLASSES", str(trainer.cfg.MODEL.HEADS.NUM_CLASSES)]
-    )  # fmt: skip
-    results = main(args)
-    assert 0 <= results["mAP"] <= 100 and 0 <= results["Rank-1"] <= 100
+
+    # the CI recipe, batches of all 8 identities (P = 8 x K = 2): with 4 the batch-hard
+    # triplets see too few negatives to learn in a few dozen iterations
+    real = opts + ["SOLVER.IMS_PER_BATCH", "16"]
+    trained, evaluated = train_then_eval_only(CI, real, tmp_path / "real", 40)
+    assert evaluated == trained
+    # measured (REIDZOO.SEED 0): untrained 9.7 (it ranks by camera; a random ranking scores
+    # 22.1), after 35 / 40 / 45 iterations 41.1 / 72.4 / 28.4
+    assert untrained["mAP"] < 15 and trained["mAP"] > 25, (untrained, trained)
