@@ -171,9 +171,10 @@ def test_train_net_cli_train_then_eval_only(tiny_market, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Rank-1" in r.stdout + r.stderr
     # the evaluation at the end of training is that of the saved model_final.pth
-    with open(os.path.join(out, "results.json")) as f, open(
-        os.path.join(out, "results_eval.json")
-    ) as g:
+    with (
+        open(os.path.join(out, "results.json")) as f,
+        open(os.path.join(out, "results_eval.json")) as g,
+    ):
         during, after = json.load(f)["results"], json.load(g)["results"]
     assert {"Rank-1", "mAP", "mINP"} <= set(during)
     assert during == after
