@@ -1,6 +1,8 @@
 """Shared tiny CPU fixtures."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import numpy as np
@@ -11,8 +13,11 @@ from PIL import Image
 from reidzoo.config import get_cfg
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The image-check cache of every trainer a test builds (subprocesses inherit it), not ~/.cache.
-os.environ.setdefault("REIDZOO_CACHE", tempfile.mkdtemp(prefix="reidzoo-test-cache-"))
+# The image-check cache of every trainer a test builds (subprocesses inherit it), not ~/.cache;
+# removed when the test session ends.
+_CACHE = tempfile.mkdtemp(prefix="reidzoo-test-cache-")
+os.environ.setdefault("REIDZOO_CACHE", _CACHE)
+atexit.register(shutil.rmtree, _CACHE, True)
 SHARED_DATA = os.environ.get("REIDZOO_SHARED_DATA", os.path.join(REPO, "..", "shared", "data"))
 
 
