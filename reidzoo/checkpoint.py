@@ -20,6 +20,10 @@ from fastreid.utils.checkpoint import Checkpointer as _Checkpointer
 
 logger = logging.getLogger(__name__)
 
+#: Prefix of :func:`atomic_write`'s temporary files (a killed write leaves one behind; the
+#: trainer removes them at its next start).
+TEMP_PREFIX = ".tmp-"
+
 #: Python objects a fast-reid or reidzoo checkpoint holds beyond what torch's weights-only
 #: loader accepts on its own (tensors, numbers, strings, bytes, lists, tuples, dicts, sets,
 #: ``OrderedDict``): ``MultiStepLR`` keeps its milestones in a ``collections.Counter`` (recent
@@ -45,7 +49,7 @@ def atomic_write(path, write_fn, mode="wb"):
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=os.path.basename(path), dir=folder)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make checkpoints private

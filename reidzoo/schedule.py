@@ -307,8 +307,6 @@ def schedule_table(cfg, iters_per_epoch=None, trainer_cls=None):
     probe.iters_per_epoch = iters_per_epoch
     probe.max_epoch = max_epoch
     probe.max_iter = max_epoch * iters_per_epoch
-    probe.warmup_iters = cfg.SOLVER.WARMUP_ITERS
-    probe.delay_epochs = cfg.SOLVER.DELAY_EPOCHS
     recorder = _Recorder(optimizer, group, iteration_mode)
     probe.register_hooks([recorder, lr_hook])
     with warnings.catch_warnings():  # the probe's optimizer never steps, by design

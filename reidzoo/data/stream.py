@@ -101,7 +101,6 @@ class StreamSampler(Sampler):
         own = _GlobalRNGState()
         caller.restore()
         position = 0
-        buffer = []
         skip = self.start
         while True:
             caller = _GlobalRNGState()

@@ -5,10 +5,9 @@ import logging
 import os
 import time
 
-logger = logging.getLogger(__name__)
+from reidzoo.checkpoint import TEMP_PREFIX
 
-#: Prefix of atomic_write's temporary files (reidzoo.checkpoint).
-TEMP_PREFIX = ".tmp-"
+logger = logging.getLogger(__name__)
 
 
 class RunFolderError(RuntimeError):
