@@ -9,6 +9,7 @@ weights with one rule, :func:`load_for_inference`.
 """
 
 import collections
+import contextlib
 import logging
 import os
 import pickle
@@ -37,32 +38,66 @@ _TRUST_HINT = (
 )
 
 
-def atomic_write(path, write_fn, mode="wb"):
-    """Write ``path`` through a temporary file in the same folder and ``os.replace`` it.
+def default_file_mode():
+    """The mode ``open(path, "w")`` gives a new file: 0o666 less the process umask.
 
-    A crash at any point leaves either the old file or the new one, never a truncated file.
+    Returns:
+        int: e.g. 0o644 under the usual umask 022.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """A temporary file beside ``path`` that replaces ``path`` when the block ends without error.
+
+    The one atomic write of reidzoo (checkpoints, configs, results, feature files, gallery
+    shards, faiss indexes, ONNX exports, PNGs): a crash at any point leaves either the old file
+    or the new one, never a truncated file, and an error inside the block removes the
+    temporary file and leaves ``path`` as it was. The temporary file is named
+    ``<TEMP_PREFIX><random><basename>`` (so it keeps the destination's extension, and the
+    trainer's start-up cleanup finds a left-over one) and gets :func:`default_file_mode`, not
+    ``mkstemp``'s 0600, so results are as readable as a plain ``open`` would make them.
 
     Args:
-        path (str): destination.
-        write_fn (callable): ``write_fn(fileobj)`` writes the content.
-        mode (str): "wb" or "w".
+        path (str | os.PathLike): destination; its folder is created if needed.
+    Yields:
+        str: the temporary file's path (an empty file; the caller writes or replaces it and
+        closes it before the block ends).
     """
+    path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=os.path.basename(path), dir=folder)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make checkpoints private
+    os.close(fd)
     try:
-        with os.fdopen(fd, mode) as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
+        os.chmod(tmp, default_file_mode())
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # on disk before the rename, so a power cut cannot leave it empty
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def atomic_write(path, write_fn, mode="wb"):
+    """Write ``path`` through :func:`atomic_path` (fsynced, then renamed over ``path``).
+
+    Args:
+        path (str | os.PathLike): destination.
+        write_fn (callable): ``write_fn(fileobj)`` writes the content.
+        mode (str): "wb" or "w".
+    """
+    with atomic_path(path) as tmp:
+        with open(tmp, mode) as f:
+            write_fn(f)
 
 
 class UnsafeCheckpointError(pickle.UnpicklingError):

@@ -28,7 +28,6 @@ import inspect
 import logging
 import os
 import sys
-import tempfile
 import warnings
 
 import torch
@@ -115,13 +114,6 @@ def _compare(session, model, batch, input_size, device):
     return diff, float(np.max(np.abs(ref))), tuple(out.shape)
 
 
-def _default_file_mode():
-    """The mode ``open(path, "w")`` would give a new file: 0o666 less the umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def export_onnx(model, path, input_size, batch=2, opset=DEFAULT_OPSET, tol=DEFAULT_TOL):
     """Export ``model`` to ONNX at ``path`` and check it against PyTorch with onnxruntime.
 
@@ -149,6 +141,8 @@ def export_onnx(model, path, input_size, batch=2, opset=DEFAULT_OPSET, tol=DEFAU
     import onnx
     import onnxruntime as ort
 
+    from reidzoo.checkpoint import atomic_path
+
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
     model.eval()
@@ -158,11 +152,7 @@ def export_onnx(model, path, input_size, batch=2, opset=DEFAULT_OPSET, tol=DEFAU
         device = torch.device("cpu")
 
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".onnx", dir=folder)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:  # replaced only if every check below passes
         with torch.no_grad():
             _torch_onnx_export(model, example_images(batch, input_size).to(device), tmp, opset)
         onnx.checker.check_model(tmp)
@@ -189,12 +179,6 @@ def export_onnx(model, path, input_size, batch=2, opset=DEFAULT_OPSET, tol=DEFAU
                 f"(max abs diff {worst:.3g}); '{path}' was not written",
                 result,
             )
-        os.chmod(tmp, _default_file_mode())  # mkstemp makes 0600; give the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     logger.info("wrote %s (input %s [N, 3, %d, %d])", path, INPUT_NAME, *input_size)
     return result
 

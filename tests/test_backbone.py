@@ -7,7 +7,7 @@ from fastreid.modeling.meta_arch import build_model
 from torch import nn
 
 from reidzoo.config import get_cfg
-from reidzoo.modeling import StagedResNet, build_staged_resnet, load_pretrained
+from reidzoo.modeling import StagedResNet, build_staged_resnet, load_pretrained, set_stage_stride
 from reidzoo.registry import STAGE_MODULE_REGISTRY
 
 
@@ -106,3 +106,24 @@ def test_pretrained_from_local_path(tmp_path, caplog):
     cfg.MODEL.BACKBONE.PRETRAIN_PATH = ""
     with pytest.raises(FileNotFoundError, match="PRETRAIN_PATH"):
         build_staged_resnet(cfg)
+
+
+@pytest.mark.parametrize("depth", ["18x", "50x"])
+def test_set_stage_stride_equals_building_with_that_stride(depth):
+    # RMGL's branch copies and PMM's layer3 change a built stage's stride: the result must be
+    # the network fast-reid builds with that stride, same weights, same output.
+    torch.manual_seed(0)
+    model = StagedResNet(last_stride=2, depth=depth).eval()
+    ref = StagedResNet(last_stride=1, depth=depth).eval()
+    ref.load_state_dict(model.state_dict())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, 64, 32)
+    with torch.no_grad():
+        assert model(x).shape[-2:] == (2, 1)
+        set_stage_stride(model.layer4, 1)
+        out = model(x)
+        assert out.shape[-2:] == (4, 2)
+        torch.testing.assert_close(out, ref(x))
+        set_stage_stride(model.layer3, 1)  # a middle stage too (PMM's LAYER3_STRIDE 1)
+        assert model(x).shape[-2:] == (8, 4)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from reidzoo import export
+from reidzoo.checkpoint import default_file_mode
 from reidzoo.config import get_cfg
 from reidzoo.modeling.build import build_eval_model
 
@@ -56,7 +57,7 @@ def test_export_parity_and_dynamic_batch(tiny_yaml, tmp_path, capsys):
     assert match, "last line must be 'parity max_abs_diff=<x> rel=<y>'"
     assert float(match.group(2)) <= 1e-4
     assert out.is_file() and not _temp_leftovers(tmp_path)
-    assert (os.stat(out).st_mode & 0o777) == export._default_file_mode()
+    assert (os.stat(out).st_mode & 0o777) == default_file_mode()
 
     import onnx
     import onnxruntime as ort

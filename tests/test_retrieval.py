@@ -9,6 +9,7 @@ import pytest
 import torch
 from fastreid.utils.compute_dist import build_dist
 
+from reidzoo.checkpoint import TEMP_PREFIX
 from reidzoo.evaluation import (
     FeatureShardReader,
     FeatureShardWriter,
@@ -147,11 +148,27 @@ def test_save_load_roundtrip_and_atomic(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         GalleryIndex.build(x[:50], "Flat", "ip").save(path)
     assert open(path, "rb").read() == before
-    assert [f for f in os.listdir(tmp_path) if f.endswith(".tmp")] == []
+    assert [f for f in os.listdir(tmp_path) if f.startswith(TEMP_PREFIX)] == []
     with open(tmp_path / "bad.index", "wb") as f:
         f.write(b"not an index")
     with pytest.raises(ValueError, match="not a reidzoo gallery index"):
         GalleryIndex.load(str(tmp_path / "bad.index"))
+
+
+def test_shards_and_index_get_the_usual_file_mode(tmp_path):
+    # The one atomic write gives every file the mode a plain open() would (0666 less the
+    # umask), not mkstemp's 0600: shards and indexes are meant to be shared.
+    old = os.umask(0o022)
+    try:
+        folder, _ = _write(tmp_path, _clustered(100, seed=1))
+        path = str(tmp_path / "gallery.index")
+        GalleryIndex.build(folder, "Flat", "cosine").save(path)
+    finally:
+        os.umask(old)
+    written = [os.path.join(folder, f) for f in os.listdir(folder)] + [path]
+    assert any(p.endswith(".npy") for p in written) and any(p.endswith(".json") for p in written)
+    modes = {os.path.basename(p): os.stat(p).st_mode & 0o777 for p in written}
+    assert set(modes.values()) == {0o644}, modes
 
 
 def test_recall_at_k():

@@ -18,11 +18,12 @@ import json
 import logging
 import os
 import struct
-import tempfile
 
 import faiss
 import numpy as np
 import torch
+
+from reidzoo.checkpoint import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -30,28 +31,6 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 INDEX_MAGIC = b"REIDZOO-FAISS\x00"
 METRICS = ("cosine", "euclidean", "ip")
-
-
-def _atomic_write(path, write):
-    """Write ``path`` through a temporary file in the same folder, fsync and rename.
-
-    Args:
-        path (str): destination.
-        write (callable): ``write(fileobj)`` fills the (binary) file.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _as_numpy(features):
@@ -146,9 +125,9 @@ class FeatureShardWriter:
             return
         stem = f"shard_{len(self.shards):05d}"
         rows = self._buf[: self._fill]
-        _atomic_write(os.path.join(self.directory, stem + ".npy"), lambda f: np.save(f, rows))
+        atomic_write(os.path.join(self.directory, stem + ".npy"), lambda f: np.save(f, rows))
         names = json.dumps(self._names).encode()
-        _atomic_write(os.path.join(self.directory, stem + ".json"), lambda f: f.write(names))
+        atomic_write(os.path.join(self.directory, stem + ".json"), lambda f: f.write(names))
         self.shards.append(
             {"features": stem + ".npy", "names": stem + ".json", "count": self._fill}
         )
@@ -174,7 +153,7 @@ class FeatureShardWriter:
             "shards": self.shards,
         }
         data = json.dumps(manifest, indent=1).encode()
-        _atomic_write(path, lambda f: f.write(data))
+        atomic_write(path, lambda f: f.write(data))
         self._buf = None
         self._closed = True
         return path
@@ -451,7 +430,7 @@ class GalleryIndex:
             faiss.write_index(index, writer)
             del writer
 
-        _atomic_write(path, write)
+        atomic_write(path, write)
 
     @classmethod
     def load(cls, path):

@@ -12,6 +12,7 @@ from .backbone import (  # noqa: E402
     build_staged_resnet_backbone,
     load_pretrained,
     parse_inserts,
+    set_stage_stride,
 )
 from .meta_arch import ReidMetaArch  # noqa: E402
 
@@ -24,4 +25,5 @@ __all__ = [
     "build_staged_resnet_backbone",
     "load_pretrained",
     "parse_inserts",
+    "set_stage_stride",
 ]

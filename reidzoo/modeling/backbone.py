@@ -46,6 +46,25 @@ def stage_channels(layer):
     return (last.bn3 if hasattr(last, "bn3") else last.bn2).num_features
 
 
+def set_stage_stride(layer, stride):
+    """Set the spatial stride of the first residual block of a ResNet stage, in place.
+
+    The stride sits where fast-reid's blocks put it (the 3x3 ``conv2`` of a ``Bottleneck``,
+    ``conv1`` of a ``BasicBlock``) and on the block's downsample, so that the identity path
+    keeps the residual's size. Weights are untouched: a stride-1 copy of an ImageNet layer4
+    (RMGL's branches, PMM's layer3) keeps its pretrained kernels.
+
+    Args:
+        layer (nn.Sequential): a ResNet stage (a :class:`Stage` or a slice of one).
+        stride (int): the new stride, e.g. 1 to keep the input's resolution.
+    """
+    block = layer[0]
+    conv = block.conv2 if hasattr(block, "conv3") else block.conv1
+    conv.stride = (stride, stride)
+    if block.downsample is not None:
+        block.downsample[0].stride = (stride, stride)
+
+
 class StagedResNet(ResNet):
     """fast-reid's ResNet whose stages can be run one at a time.
 

@@ -5,11 +5,16 @@ Importing this package registers ``PAN`` (``META_ARCH_REGISTRY``), ``PANHead``
 ``cfg.MODEL.PAN``.
 """
 
-from . import maps  # noqa: F401  (registers the explanatory-map producer)
+from reidzoo.plugins import declare_maps
+
 from .config import add_pan_config
-from .heads import PANHead, stage_channels
+from .heads import PANHead, stage_widths
 from .meta_arch import PAN
 from .modules import PAM, PLM, ChannelAttention, NonLocal, PANNonLocal, StripeParts, orthogonal_loss
+
+# The map producer registers when reidzoo.visualize looks producers up: the model code never
+# imports the visualisation layer.
+declare_maps(__name__ + ".maps")
 
 __all__ = [
     "PAM",
@@ -22,5 +27,5 @@ __all__ = [
     "StripeParts",
     "add_pan_config",
     "orthogonal_loss",
-    "stage_channels",
+    "stage_widths",
 ]

@@ -16,8 +16,10 @@ from .modules import PAM, PLM, ConvConnection, NonLocal, StripeParts, grid_resam
 CONNECTIONS = ("pam", "conv", "identity")
 
 
-def stage_channels(feat_dim):
-    """Output channels of ResNet stages from the layer4 width (C_l = FEAT_DIM / 2^(4-l)).
+def stage_widths(feat_dim):
+    """Output channels of ResNet stages from the layer4 width (C_l = FEAT_DIM / 2^(4-l)), for a
+    head built before (or without) the backbone; a built stage reports its own with
+    :func:`reidzoo.modeling.backbone.stage_channels`.
 
     Args:
         feat_dim (int): ``MODEL.BACKBONE.FEAT_DIM`` (2048 for ResNet-50, 512 for ResNet-18).
@@ -53,7 +55,7 @@ class PANHead(nn.Module):
         super().__init__()
         pc = cfg.MODEL.PAN
         feat_dim = cfg.MODEL.BACKBONE.FEAT_DIM
-        channels = stage_channels(feat_dim)
+        channels = stage_widths(feat_dim)
         if pc.PARTS == "plm":
             self.parts = PLM(
                 feat_dim, pc.SCALES, pc.SA_DIM, pc.CA_REDUCTION, pc.CA_ACT, cfg.MODEL.HEADS.NORM

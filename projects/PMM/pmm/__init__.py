@@ -6,7 +6,8 @@ tensor transform ``PMMCutout`` (``TRANSFORM_REGISTRY``), the image-level batch m
 ``MODEL.PMM.IMAGE_MIX``), and adds ``cfg.MODEL.PMM`` and ``cfg.INPUT.PMM_CUTOUT``.
 """
 
-from . import maps  # noqa: F401  (registers the explanatory-map producer)
+from reidzoo.plugins import declare_maps
+
 from .config import add_pmm_config
 from .image_mix import (
     IMAGE_MIX_REGISTRY,
@@ -14,7 +15,7 @@ from .image_mix import (
     PMMImageCutMix,
     build_image_mix,
 )
-from .meta_arch import PMM, PMMHeads, set_layer_stride
+from .meta_arch import PMM, PMMHeads
 from .modules import (
     PAPER_BLOCK_GRID,
     FeatureMix,
@@ -32,6 +33,10 @@ from .modules import (
     topk_block_mask,
 )
 from .transforms import Cutout, PMMCutout
+
+# The map producer registers when reidzoo.visualize looks producers up: the model code never
+# imports the visualisation layer.
+declare_maps(__name__ + ".maps")
 
 __all__ = [
     "IMAGE_MIX_REGISTRY",
@@ -56,6 +61,5 @@ __all__ = [
     "grid_block_size",
     "hard_mix",
     "random_mask",
-    "set_layer_stride",
     "topk_block_mask",
 ]

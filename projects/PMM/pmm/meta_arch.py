@@ -18,6 +18,7 @@ from fastreid.modeling.losses import cross_entropy_loss, triplet_loss
 from torch import nn
 
 from reidzoo.modeling import ReidMetaArch, build_staged_resnet
+from reidzoo.modeling.backbone import set_stage_stride
 from reidzoo.registry import META_ARCH_REGISTRY
 
 from .image_mix import build_image_mix
@@ -51,21 +52,6 @@ def _init_kaiming(m):
     elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
         nn.init.ones_(m.weight)
         nn.init.zeros_(m.bias)
-
-
-def set_layer_stride(layer, stride):
-    """Set the spatial stride of the first block of a ResNet stage (its strided conv and its
-    downsample), in place.
-
-    Args:
-        layer (nn.Sequential): a ResNet stage.
-        stride (int)
-    """
-    block = layer[0]
-    conv = block.conv2 if hasattr(block, "conv3") else block.conv1
-    conv.stride = (stride, stride)
-    if block.downsample is not None:
-        block.downsample[0].stride = (stride, stride)
 
 
 class GlobalReduction(nn.Module):
@@ -136,7 +122,7 @@ class PMM(ReidMetaArch):
             raise ValueError(f"MODEL.PMM.LAYER3_STRIDE={p.LAYER3_STRIDE}; expected 1 or 2")
         self.layout = p.LAYOUT
         self.backbone = build_staged_resnet(cfg)
-        set_layer_stride(self.backbone.layer3, int(p.LAYER3_STRIDE))
+        set_stage_stride(self.backbone.layer3, int(p.LAYER3_STRIDE))
         channels = self.backbone.channels["layer4"]
         dim = int(p.REDUCTION_DIM)
         dims = [dim, dim, dim] if self.layout == "pmm" else [dim, int(p.BDB_PART_DIM)]

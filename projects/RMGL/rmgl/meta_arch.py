@@ -16,7 +16,7 @@ from fastreid.modeling.losses import cross_entropy_loss, triplet_loss
 from torch import nn
 
 from reidzoo.modeling import ReidMetaArch
-from reidzoo.modeling.backbone import build_staged_resnet
+from reidzoo.modeling.backbone import build_staged_resnet, set_stage_stride
 from reidzoo.registry import META_ARCH_REGISTRY
 
 from .modules import (
@@ -46,16 +46,6 @@ class _Stem(nn.Module):
 
     def forward(self, x):
         return self.maxpool(self.relu(self.bn1(self.conv1(x))))
-
-
-def _set_first_block_stride(layer, stride):
-    """Set the spatial stride of the first residual block of ``layer`` (its 3x3 conv, or conv1
-    of a BasicBlock, and its downsample)."""
-    block = layer[0]
-    conv = block.conv2 if hasattr(block, "conv3") else block.conv1
-    conv.stride = (stride, stride)
-    if block.downsample is not None:
-        block.downsample[0].stride = (stride, stride)
 
 
 class Reduction(nn.Sequential):
@@ -153,7 +143,7 @@ class RMGL(ReidMetaArch):
         self.branches = nn.ModuleList()
         for _ in self.granularities:
             seq = nn.ModuleList(copy.deepcopy(m) for _, m in tail)
-            _set_first_block_stride(seq[-1], int(r.BRANCH_LAST_STRIDE))
+            set_stage_stride(seq[-1], int(r.BRANCH_LAST_STRIDE))
             self.branches.append(seq)
         self.stride = 8 * int(r.BRANCH_LAST_STRIDE) * 2  # stem 4, layer2 2, layer3 2, layer4
         names = self.segment_names
