@@ -22,6 +22,9 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 #: Repository root, holding ``configs/`` and ``projects/`` (editable installs and checkouts).
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: The shipped configs in a regular (non-editable) install, in the repository's layout:
+#: ``setup.py``'s ``build_py`` copies them there (``PACKAGED_CONFIGS``); absent in a checkout.
+PACKAGED_CONFIG_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shipped_configs")
 _BACKBONE_TOKEN = re.compile(r"^r\d+$")  # "r18", "r50", "r101" in names like IANet_R50_Market1501
 
 
@@ -46,6 +49,17 @@ def _config_files(repo_root):
     )
 
 
+def config_root():
+    """The folder whose ``configs/`` and ``projects/*/configs/`` hold the shipped configs.
+
+    Returns:
+        str: :data:`PACKAGED_CONFIG_ROOT` in a regular install (the copy made at build time;
+        the site-packages folder above the package is no repository), else :data:`REPO_ROOT`
+        (a checkout or an editable install, whose configs are read where they are edited).
+    """
+    return PACKAGED_CONFIG_ROOT if os.path.isdir(PACKAGED_CONFIG_ROOT) else REPO_ROOT
+
+
 def registered_models(repo_root=None):
     """Model names for the configs shipped in ``configs/`` and ``projects/*/configs/``.
 
@@ -58,11 +72,12 @@ def registered_models(repo_root=None):
     unless two files would share it. ``Base-*`` files and ``ablations/`` are not listed.
 
     Args:
-        repo_root (str | None): repository root; None: the one this package lives in.
+        repo_root (str | None): repository root; None: :func:`config_root` (the repository
+            this package lives in, or the configs a regular install ships).
     Returns:
         dict[str, str]: name -> absolute config path, sorted by name.
     """
-    root = repo_root or REPO_ROOT
+    root = repo_root or config_root()
     full, short = {}, {}
     for base, path in _config_files(root):
         name = base.lower().replace("_", "-")

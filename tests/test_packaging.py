@@ -1,6 +1,7 @@
 """setup.py maps projects/<Paper>/<pkg> to reidzoo.projects.<pkg>, for regular and editable
 installs, and registers each paper package as a plugin."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -108,3 +109,95 @@ def test_install_imports_from_any_directory(repo_with_toy_project, tmp_path, edi
         assert str(tmp_path / "venv") in file_line
     assert "TOY toy sub" in out
     assert "reidzoo.projects.toy_pkg" in out
+    # model names: an editable install reads the repository's configs where they are edited,
+    # a regular one the copy it ships (see test_wheel_install_resolves_model_names)
+    listed = _list_models(py, str(elsewhere))
+    root = src if editable else os.path.join(_purelib(py), "reidzoo", "shipped_configs")
+    assert listed["ianet-market1501"] == os.path.join(
+        root, "projects", "IANet", "configs", "IANet_R50_Market1501.yml"
+    )
+
+
+def _purelib(py):
+    return subprocess.run(
+        [py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+
+
+def _list_models(py, cwd):
+    """``python -m reidzoo.extract --list-models`` of an interpreter, as {name: path}."""
+    r = subprocess.run(
+        [py, "-m", "reidzoo.extract", "--list-models"],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    return dict(line.split("\t") for line in r.stdout.splitlines())
+
+
+# Every registered name's merged config (its _BASE_ chain followed), and features from a name.
+CONFIG_PROBE = """
+import hashlib, json, sys
+import numpy as np
+from reidzoo import FeatureExtractor
+from reidzoo.config import setup_cfg
+from reidzoo.inference import registered_models
+dumps = {n: hashlib.sha256(setup_cfg(n).dump().encode()).hexdigest() for n in registered_models()}
+ex = FeatureExtractor("ianet-market1501", allow_random_weights=True, num_workers=0,
+                      opts=["MODEL.BACKBONE.PRETRAIN", "False"])
+feats = ex.extract(np.zeros((64, 32, 3), np.uint8)).features
+print(json.dumps({"dumps": dumps, "backbone": ex.cfg.MODEL.BACKBONE.NAME,
+                  "shape": list(feats.shape)}))
+"""
+
+
+def test_wheel_install_resolves_model_names(repo_with_toy_project, tmp_path):
+    """A wheel ships configs/ and projects/*/configs/ (Base files and ablations included), so a
+    regular install used from another folder lists the same model names as the source tree and
+    resolves each to the same merged config, _BASE_ chains included."""
+    import hashlib
+
+    from reidzoo.config import setup_cfg
+    from reidzoo.inference import registered_models
+
+    src = str(repo_with_toy_project)
+    dist = tmp_path / "dist"
+    _pip("wheel", "--no-deps", "--no-build-isolation", "-w", str(dist), src)
+    (wheel,) = [str(dist / f) for f in os.listdir(dist) if f.endswith(".whl")]
+    names = set(zipfile.ZipFile(wheel).namelist())
+    shipped = "reidzoo/shipped_configs/"
+    for rel in (
+        "configs/Base-bagtricks.yml",
+        "configs/Demo/bagtricks_R18_synthetic.yml",
+        "projects/IANet/configs/Base-IANet.yml",
+        "projects/IANet/configs/IANet_R50_Market1501.yml",
+        "projects/RMGL/configs/ablations/tab6_none.yml",
+    ):
+        assert shipped + rel in names, rel
+
+    py = _bare_venv(tmp_path / "venv")
+    _pip("install", "--no-deps", "--no-build-isolation", wheel, python=py)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    listed = _list_models(py, str(elsewhere))
+    expected = registered_models(src)
+    assert listed.keys() == expected.keys() and "ianet-market1501" in listed
+    root = os.path.join(_purelib(py), "reidzoo", "shipped_configs")
+    for name, path in listed.items():
+        assert os.path.isfile(path), name
+        assert os.path.relpath(path, root) == os.path.relpath(expected[name], src), name
+
+    r = subprocess.run(
+        [py, "-c", CONFIG_PROBE], capture_output=True, text=True, cwd=str(elsewhere), timeout=300
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    probe = json.loads(r.stdout.strip().splitlines()[-1])
+    assert probe["backbone"] == "build_ianet_backbone" and probe["shape"] == [1, 2048]
+    for name, path in expected.items():
+        digest = hashlib.sha256(setup_cfg(path).dump().encode()).hexdigest()
+        assert probe["dumps"][name] == digest, name
