@@ -3,12 +3,8 @@
 import logging
 import os
 
-from reidzoo import compat
-
-compat.apply()
-
-from fastreid.config import CfgNode  # noqa: E402
-from fastreid.config import get_cfg as _fastreid_get_cfg  # noqa: E402
+from fastreid.config import CfgNode
+from fastreid.config import get_cfg as _fastreid_get_cfg
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +103,11 @@ def add_reidzoo_config(cfg):
             "SEED": -1,
             # Iterations between the trainer's progress/ETA lines (fast-reid hard-codes 200).
             "LOG_PERIOD": 20,
+            # Training diagnostics (README "Training diagnostics"; reidzoo.engine.diagnostics):
+            # per-loss gradient norms at the last backbone stage, feature norms and attention
+            # entropies into metrics.json / TensorBoard, at the first iteration and the last of
+            # every PERIOD iterations. Off: no hook, no cost.
+            "DIAGNOSTICS": {"ENABLED": False, "PERIOD": 20},
         },
     )
     # Dataset root; empty means $FASTREID_DATASETS, else "datasets" (fast-reid's rule).
@@ -120,21 +121,34 @@ def add_reidzoo_config(cfg):
     add_node(cfg, "MODEL.BACKBONE", {"INSERTS": []})
 
 
-def get_cfg():
-    """fast-reid's default config extended by every installed plugin's config hook.
+def get_cfg(imports=()):
+    """fast-reid's default config extended by the config hooks of what is loaded.
 
-    Imports every plugin first (``reidzoo.plugins`` entry points), so that paper packages and
-    third-party packages have registered their hooks.
+    Imports reidzoo's core (:data:`reidzoo.plugins.CORE_MODULES`) and the modules in
+    ``imports``, never a paper or plugin that nobody asked for: the config holds the nodes of
+    the core and of every module imported so far in this process. The ``imports`` are added to
+    ``REIDZOO.CUSTOM_IMPORTS``, so that a dump of the config loads them again.
 
+    Args:
+        imports (Iterable[str]): ``reidzoo.plugins`` entry-point names (``"pan"``) or module
+            names (``"reidzoo.projects.pan"``), as in ``REIDZOO.CUSTOM_IMPORTS``.
     Returns:
         CfgNode: a fresh, unfrozen config.
+    Raises:
+        reidzoo.plugins.PluginImportError: an import names a plugin that fails to import.
+        ImportError: an import names a module that cannot be imported.
     """
-    from reidzoo.plugins import load_plugins
+    from reidzoo.plugins import import_modules, load_core
 
-    load_plugins()
+    load_core()
+    imports = list(imports or ())
+    import_modules(imports)
     cfg = _fastreid_get_cfg()
     for hook in _CONFIG_HOOKS:
         hook(cfg)
+    if imports:
+        known = list(cfg.REIDZOO.CUSTOM_IMPORTS)
+        cfg.REIDZOO.CUSTOM_IMPORTS = known + [n for n in imports if n not in known]
     return cfg
 
 
@@ -146,7 +160,11 @@ def dataset_root(cfg):
 
 def setup_cfg(config_file="", opts=(), freeze=True):
     """Build a config from a YAML file and ``KEY VALUE`` overrides, the way ``train_net.py``
-    does: custom imports named in the file or the overrides are imported first.
+    does: the ``REIDZOO.CUSTOM_IMPORTS`` named in the file or the overrides are imported first.
+
+    A key that nothing imported adds makes the next untried ``reidzoo.plugins`` entry point
+    load (a broken one only warns), then the merge starts again on a fresh config; the
+    plugins this needed are appended to ``REIDZOO.CUSTOM_IMPORTS`` of the result.
 
     Args:
         config_file (str): path to a YAML file (may use ``_BASE_``), or a registered model name
@@ -160,16 +178,42 @@ def setup_cfg(config_file="", opts=(), freeze=True):
         FileNotFoundError: ``config_file`` looks like a path and does not exist.
         ValueError: ``config_file`` is neither a file nor a registered name (the message lists
             the names); an odd number of overrides.
-        KeyError: an unknown key in the overrides.
+        KeyError: a key no loaded module or plugin adds (the message names it and every
+            plugin that failed to import).
+        reidzoo.plugins.PluginImportError: ``REIDZOO.CUSTOM_IMPORTS`` names a plugin that
+            fails to import.
     """
-    from reidzoo.plugins import import_custom_modules
+    from reidzoo.plugins import failures_note, load_next_plugin, loaded_plugins
 
     opts = list(opts or [])
     if len(opts) % 2:
         raise ValueError(f"config overrides must be KEY VALUE pairs, got an odd list: {opts}")
     config_file = resolve_config_file(config_file)
-    import_custom_modules(_custom_imports(config_file, opts))
-    cfg = get_cfg()
+    imports = _custom_imports(config_file, opts)
+    tried = []
+    while True:
+        cfg = get_cfg(imports=imports + tried)
+        try:
+            _merge(cfg, config_file, opts)
+            break
+        except KeyError as e:
+            # A key that nothing loaded adds: import the next reidzoo.plugins entry point that
+            # has not been tried (discovery), and merge again on a fresh config.
+            name = load_next_plugin()
+            if name is None:
+                raise KeyError(f"{e.args[0] if e.args else e}{failures_note()}") from e
+            if name in loaded_plugins():  # a broken one only warned: it adds no keys
+                tried.append(name)
+    if tried:  # record what the keys needed, so that a dump of cfg loads it again
+        cfg.REIDZOO.CUSTOM_IMPORTS = list(cfg.REIDZOO.CUSTOM_IMPORTS) + [
+            n for n in tried if n not in cfg.REIDZOO.CUSTOM_IMPORTS
+        ]
+    if freeze:
+        cfg.freeze()
+    return cfg
+
+
+def _merge(cfg, config_file, opts):
     if config_file:
         cfg.merge_from_file(config_file)
     for key in opts[0::2]:
@@ -179,9 +223,6 @@ def setup_cfg(config_file="", opts=(), freeze=True):
                 raise KeyError(f"unknown config key '{key}' in the KEY VALUE overrides")
             node = node[part]
     cfg.merge_from_list(opts)
-    if freeze:
-        cfg.freeze()
-    return cfg
 
 
 def resolve_config_file(spec):

@@ -232,3 +232,123 @@ def test_setup_cfg_takes_registered_model_names(tmp_path):
     assert "'demo-bagtrick-synthetic'" in str(err.value) and len(names) > 20
     with pytest.raises(FileNotFoundError, match="nowhere/config.yml"):
         setup_cfg(str(tmp_path / "nowhere" / "config.yml"))
+
+
+BROKEN_CHECK = textwrap.dedent(
+    """
+    import json, os, sys, warnings
+    warnings.simplefilter("always")  # the plugin machinery itself must warn only once
+    import reidzoo
+    from reidzoo import plugins
+    from reidzoo.config import get_cfg, setup_cfg
+    from reidzoo.engine import default_argument_parser, main
+    from fastreid.modeling.meta_arch import build_model
+
+    out, data, tiny = sys.argv[1], sys.argv[2], sys.argv[3:]
+    report = {"available": plugins.available_plugins()}
+    # get_cfg imports no paper and no plugin
+    cfg = get_cfg()
+    report["after_get_cfg"] = sorted(m for m in sys.modules if m.startswith("reidzoo.projects."))
+    report["nodes"] = sorted(k for k in ("IANET", "PAN", "PFE", "PMM", "RMGL") if k in cfg.MODEL)
+    # the demo trains (and evaluates) with the broken entry point installed
+    args = default_argument_parser().parse_args(
+        ["--config-file", "demo-bagtricks-synthetic", *tiny, "SOLVER.MAX_ITER", "2",
+         "OUTPUT_DIR", out, "DATASETS.ROOT", data, "MODEL.DEVICE", "cpu"])
+    results = main(args)
+    report["demo_metrics"] = sorted(results)
+    report["after_demo"] = sorted(m for m in sys.modules if m.startswith("reidzoo.projects."))
+    with open(os.path.join(out, "config.yaml")) as f:
+        dumped = f.read()
+    report["dumped_paper_nodes"] = [k for k in ("IANET:", "PAN:", "PFE:", "PMM:", "RMGL:")
+                                    if f"  {k}" in dumped]
+    # every other paper builds from its config
+    built = {}
+    for name in ("ianet-synthetic-ci", "pan-synthetic-ci", "pfe-synthetic-ci-stage1",
+                 "pmm-synthetic-ci", "rmgl-synthetic-ci"):
+        c = setup_cfg(name, ["MODEL.DEVICE", "cpu"])
+        built[name] = type(build_model(c)).__name__
+    report["built"] = built
+    # asking for the broken plugin, by name or by its module, is an error naming it
+    for spec in ("broken", "no_such_module_xyz"):
+        try:
+            get_cfg(imports=[spec])
+            report["asked_" + spec] = "no error"
+        except plugins.PluginImportError as e:
+            report["asked_" + spec] = str(e)
+    # a component nothing provides: every plugin is tried, the error names the broken one
+    c = get_cfg()
+    c.MODEL.META_ARCHITECTURE = "NoSuchArch"
+    try:
+        plugins.resolve_components(c)
+    except KeyError as e:
+        report["component"] = str(e)
+    report["failed"] = plugins.failed_plugins()
+    print("REPORT" + json.dumps(report))
+    """
+)
+
+
+def test_broken_entry_point_breaks_only_what_asks_for_it(tmp_path):
+    """A ``reidzoo.plugins`` entry point to a module that does not exist, visible to the
+    process (a .dist-info on PYTHONPATH): get_cfg imports nothing, the demo trains and
+    evaluates, every paper builds from its config, and asking for the broken plugin (by
+    entry-point name or module) or for a name only a plugin could provide is an error naming
+    the plugin and its import error; the plugin is reported by one warning."""
+    import json
+
+    from tests.conftest import TINY_SYNTH
+
+    dist = tmp_path / "site" / "broken_plugin-0.1.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[reidzoo.plugins]\nbroken = no_such_module_xyz\n")
+    (tmp_path / "check.py").write_text(BROKEN_CHECK)
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"))
+    r = subprocess.run(
+        [sys.executable, str(tmp_path / "check.py"), str(tmp_path / "out"), str(tmp_path / "d")]
+        + TINY_SYNTH,
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-4000:]
+    report = json.loads(r.stdout.split("REPORT", 1)[1])
+    assert report["available"]["broken"] == "no_such_module_xyz"
+    assert report["available"]["pan"] == "reidzoo.projects.pan"
+    assert report["after_get_cfg"] == [] and report["nodes"] == []
+    assert report["after_demo"] == [] and report["dumped_paper_nodes"] == []
+    assert "Rank-1" in report["demo_metrics"] and "mAP" in report["demo_metrics"]
+    assert report["built"] == {
+        "ianet-synthetic-ci": "Baseline",
+        "pan-synthetic-ci": "PAN",
+        "pfe-synthetic-ci-stage1": "PFE",
+        "pmm-synthetic-ci": "PMM",
+        "rmgl-synthetic-ci": "RMGL",
+    }
+    missing = "No module named 'no_such_module_xyz'"
+    for spec in ("broken", "no_such_module_xyz"):
+        assert "plugin 'broken'" in report["asked_" + spec] and missing in report["asked_" + spec]
+    assert "MODEL.META_ARCHITECTURE" in report["component"] and "NoSuchArch" in report["component"]
+    assert "'broken' (no_such_module_xyz)" in report["component"] and missing in report["component"]
+    assert set(report["failed"]) == {"broken"}
+    warned = [line for line in r.stderr.splitlines() if "PluginWarning" in line]
+    assert len(warned) == 1 and "plugin 'broken'" in warned[0] and missing in warned[0], warned
+
+
+def test_paper_packages_do_not_import_the_visualisation_layer():
+    """Importing a paper package registers its components but not reidzoo.visualize; the map
+    producers register when reidzoo.visualize looks them up."""
+    code = textwrap.dedent(
+        """
+        import sys
+        pkgs = ["ianet", "pan", "pfe", "pmm", "rmgl"]
+        for pkg in pkgs:
+            __import__("reidzoo.projects." + pkg)
+        print("VIS", sorted(m for m in sys.modules if m.startswith("reidzoo.visualize")))
+        from reidzoo.visualize.overlay import MAP_REGISTRY
+        print("MAPS", sorted(MAP_REGISTRY.names()))
+        """
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "VIS []" in r.stdout
+    maps = ["IANetMaps", "PANMaps", "PFEMaps", "PMMMaps", "RMGLMaps"]
+    assert f"MAPS {maps}" in r.stdout, r.stdout

@@ -248,6 +248,9 @@ class ReidTrainer(DefaultTrainer):
 
     @classmethod
     def build_model(cls, cfg):
+        from reidzoo.plugins import resolve_components
+
+        resolve_components(cfg)  # a missing name: the plugins that may provide it, or an error
         model = build_model(cfg)
         logger.info("Model:\n%s", model)
         return model

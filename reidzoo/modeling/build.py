@@ -2,7 +2,7 @@
 
 import logging
 
-from reidzoo import config as _config  # noqa: F401  (compat fixes, config hooks)
+from reidzoo import config as _config  # noqa: F401  (the core's config hooks)
 
 logger = logging.getLogger(__name__)
 
@@ -10,8 +10,9 @@ logger = logging.getLogger(__name__)
 def build_eval_model(cfg, load_weights=True):
     """Build the model described by ``cfg``, load ``MODEL.WEIGHTS`` and put it in eval mode.
 
-    Plugins (entry points and ``REIDZOO.CUSTOM_IMPORTS``) are imported first, so that the
-    meta-architectures, backbones and heads they register can be built. ``MODEL.WEIGHTS`` is
+    ``REIDZOO.CUSTOM_IMPORTS`` are imported first, and a component name that nothing imported
+    provides is looked up in the ``reidzoo.plugins`` entry points
+    (:func:`reidzoo.plugins.resolve_components`). ``MODEL.WEIGHTS`` is
     loaded by :func:`reidzoo.checkpoint.load_for_inference`, the rule of every inference tool:
     read weights-only, no ImageNet initialisation, the classifier sized from the checkpoint
     (a config's ``MODEL.HEADS.NUM_CLASSES 0`` is not a mismatch), any other misfit an error.
@@ -33,12 +34,12 @@ def build_eval_model(cfg, load_weights=True):
     from fastreid.modeling.meta_arch import build_model
 
     from reidzoo.checkpoint import load_for_inference
-    from reidzoo.plugins import import_custom_modules, load_plugins
+    from reidzoo.plugins import import_modules, resolve_components
 
-    load_plugins()
     reidzoo_node = cfg.get("REIDZOO", None)
     if reidzoo_node is not None:
-        import_custom_modules(reidzoo_node.get("CUSTOM_IMPORTS", []) or [])
+        import_modules(reidzoo_node.get("CUSTOM_IMPORTS", []) or [])
+    resolve_components(cfg)
     weights = cfg.MODEL.WEIGHTS if load_weights else ""
     if weights:
         model, _ = load_for_inference(cfg, build_model)

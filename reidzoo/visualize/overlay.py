@@ -26,16 +26,29 @@ INTERPOLATIONS = ("bilinear", "nearest")
 
 
 class _MapRegistry(Registry):
-    """fast-reid's :class:`Registry` that can also list its entries (for producer matching)."""
+    """A :class:`Registry` that lists its entries (for producer matching) and, before any
+    look-up, imports the modules packages declared with :func:`reidzoo.plugins.declare_maps`
+    (lazy registration: the model code does not import this layer)."""
+
+    def _load_declared(self):
+        from reidzoo.plugins import load_map_modules
+
+        load_map_modules()
+
+    def get(self, name):
+        self._load_declared()
+        return super().get(name)
 
     def names(self):
         """Returns:
         list[str]: registered names, in registration order."""
+        self._load_declared()
         return list(self._obj_map)
 
     def items(self):
         """Returns:
         list[tuple[str, type]]: (name, producer class), in registration order."""
+        self._load_declared()
         return list(self._obj_map.items())
 
 
@@ -43,8 +56,11 @@ MAP_REGISTRY = _MapRegistry("MAP_PRODUCER")
 MAP_REGISTRY.__doc__ = """
 Registry of explanatory-map producers (:class:`MapProducer` subclasses), keyed by class name.
 
-A paper package registers its producer when imported (``@MAP_REGISTRY.register()``); a third
-party does the same from a module listed in ``REIDZOO.CUSTOM_IMPORTS`` or an entry point. A
+A producer registers with ``@MAP_REGISTRY.register()`` in a module of its own; a package
+declares that module with ``reidzoo.plugins.declare_maps("my_pkg.maps")`` when it is imported
+(every paper package does), and the registry imports the declared modules at its first
+look-up, so importing the model code never imports this layer. A third party can also
+register from any module it imports (``REIDZOO.CUSTOM_IMPORTS`` or an entry point). A
 producer says which models it explains with :meth:`MapProducer.matches` (by default: the model
 contains a module of one of its ``MODULE_TYPES``, e.g. a meta-architecture class or a
 backbone part such as IANet's IA block).

@@ -4,10 +4,15 @@ Importing this package registers ``IANetIABlock`` (``STAGE_MODULE_REGISTRY``) an
 ``build_ianet_backbone`` (``BACKBONE_REGISTRY``) and adds ``cfg.MODEL.IANET``.
 """
 
-from . import maps  # noqa: F401  (registers the explanatory-map producer)
+from reidzoo.plugins import declare_maps
+
 from .backbone import build_ianet_backbone
 from .config import add_ianet_config
 from .ia import CIA, SIA, IABlock, ResidualIA, context_logits, context_offsets, location_relation
+
+# The map producer registers when reidzoo.visualize looks producers up: the model code never
+# imports the visualisation layer.
+declare_maps(__name__ + ".maps")
 
 __all__ = [
     "CIA",

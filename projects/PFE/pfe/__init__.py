@@ -4,7 +4,8 @@ Importing this package registers ``PFE`` (``META_ARCH_REGISTRY``) and ``PFETSAM`
 (``STAGE_MODULE_REGISTRY``) and adds ``cfg.MODEL.PFE``.
 """
 
-from . import maps  # noqa: F401  (registers the explanatory-map producer)
+from reidzoo.plugins import declare_maps
+
 from .config import add_pfe_config
 from .losses import cascade_loss, independent_loss, region_overlap_loss, uniform_loss
 from .meta_arch import PFE, PFEHeads
@@ -20,6 +21,10 @@ from .modules import (
     side_conv,
     top_alpha_mask,
 )
+
+# The map producer registers when reidzoo.visualize looks producers up: the model code never
+# imports the visualisation layer.
+declare_maps(__name__ + ".maps")
 
 __all__ = [
     "FAB",

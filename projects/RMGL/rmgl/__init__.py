@@ -5,7 +5,8 @@ PIL transforms ``RMGLRandomShift`` (RSA) and ``RMGLCropResizeShift`` (Tab. VI "R
 (``TRANSFORM_REGISTRY``), and adds ``cfg.MODEL.RMGL`` and ``cfg.INPUT.RSA``.
 """
 
-from . import maps  # noqa: F401  (registers the explanatory-map producer)
+from reidzoo.plugins import declare_maps
+
 from .config import add_rmgl_config
 from .meta_arch import RMGL, RMGLHeads
 from .modules import (
@@ -22,6 +23,10 @@ from .modules import (
     unstack_stripes,
 )
 from .transforms import CropResizeShift, RandomShift, RMGLCropResizeShift, RMGLRandomShift
+
+# The map producer registers when reidzoo.visualize looks producers up: the model code never
+# imports the visualisation layer.
+declare_maps(__name__ + ".maps")
 
 __all__ = [
     "RMGL",
