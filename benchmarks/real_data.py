@@ -85,8 +85,40 @@ VARIANTS = {
     ),
 }
 
-#: dataset short name -> fast-reid dataset name.
+#: dataset short name -> fast-reid dataset name. Any other registered dataset (a plugin's
+#: included) is given by its registry name (:func:`registry_name`).
 DATASETS = {"viper": "VIPeRSingleShot", "prid450s": "PRID450S"}
+
+
+def registry_name(dataset):
+    """The registry name of a dataset given by short name or by registry name.
+
+    Args:
+        dataset (str): a key of :data:`DATASETS`, or any name in fast-reid's
+            ``DATASET_REGISTRY`` once reidzoo and the installed plugins are loaded.
+    Returns:
+        str
+    Raises:
+        KeyError: neither (the message lists the short names and the registered datasets).
+    """
+    if dataset in DATASETS:
+        return DATASETS[dataset]
+    from reidzoo.plugins import load_plugins  # imports torch: only for a registry name
+    from reidzoo.registry import DATASET_REGISTRY
+
+    load_plugins()
+    if dataset in DATASET_REGISTRY._obj_map:
+        return dataset
+    raise KeyError(
+        f"unknown dataset '{dataset}'; short names: {sorted(DATASETS)}; registered datasets: "
+        f"{sorted(DATASET_REGISTRY._obj_map)}"
+    )
+
+
+def ordered_datasets(names):
+    """``names`` with the :data:`DATASETS` keys first, in that order, then the others sorted."""
+    names = set(names)
+    return [d for d in DATASETS if d in names] + sorted(names - set(DATASETS))
 
 
 def stage_name(i, n):
@@ -115,9 +147,7 @@ def build_commands(model, dataset, split, root, logs, python=sys.executable, ext
     """
     if model not in MODELS:
         raise KeyError(f"unknown model '{model}'; known: {sorted(MODELS)}")
-    if dataset not in DATASETS:
-        raise KeyError(f"unknown dataset '{dataset}'; known: {sorted(DATASETS)}")
-    name = DATASETS[dataset]
+    name = registry_name(dataset)
     stages = MODELS[model][1]
     base = cell_dir(logs, model, dataset, split)
     out_dirs = {}
@@ -324,7 +354,8 @@ def load_records(records):
     """
     found = []
     for model in MODELS:
-        for dataset in DATASETS:
+        top = os.path.join(records, model)
+        for dataset in ordered_datasets(os.listdir(top) if os.path.isdir(top) else ()):
             folder = os.path.join(records, model, dataset)
             if not os.path.isdir(folder):
                 continue
@@ -416,7 +447,7 @@ def markdown_runs(recs):
         wall = rec.get("wall_s")
         cells = [
             MODELS[rec["model"]][0],
-            DATASETS[rec["dataset"]],
+            DATASETS.get(rec["dataset"], rec["dataset"]),
             str(rec["split"]),
             "; ".join(evals) or "n/a",
             f"{wall / 60:.1f} min" if wall is not None else "n/a",
@@ -462,7 +493,7 @@ def markdown(rows):
     for r in rows:
         cells = [
             r["display"],
-            DATASETS[r["dataset"]],
+            DATASETS.get(r["dataset"], r["dataset"]),
             f"{r['n']} ({','.join(map(str, r['splits']))})",
         ]
         cells += [f"{r[m + '_mean']:.1f} +- {r[m + '_std']:.1f}" for m in METRICS]
@@ -498,7 +529,12 @@ def parse_args(argv=None) -> Tuple[argparse.Namespace, list]:
     sub = parser.add_subparsers(dest="cmd", required=True)
     run = sub.add_parser("run", help="train cells")
     run.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    run.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    run.add_argument(
+        "--datasets",
+        nargs="+",
+        default=list(DATASETS),
+        help=f"short names {list(DATASETS)} or any registered dataset name",
+    )
     run.add_argument("--splits", nargs="+", type=int, default=[0])
     run.add_argument("--root", default=os.path.join("..", "shared", "data"))
     run.add_argument("--dry-run", action="store_true", help="print the commands only")

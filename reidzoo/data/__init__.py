@@ -10,6 +10,7 @@ from .datasets import (  # noqa: E402  (importing registers the datasets)
     SyntheticReID,
     VIPeRSingleShot,
     dataset_kwargs,
+    dataset_num_splits,
     summarize_splits,
     synthetic_kwargs,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "build_registered_transforms",
     "build_transforms_with_registry",
     "dataset_kwargs",
+    "dataset_num_splits",
     "splice",
     "summarize_splits",
     "synthetic_kwargs",

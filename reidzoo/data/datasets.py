@@ -4,9 +4,16 @@
 * ``VIPeRSingleShot`` and ``PRID450S`` (:mod:`reidzoo.data.small`): real two-camera benchmarks,
   single-shot protocol, 10 seeded half splits.
 
-fast-reid builds a dataset as ``DATASET_REGISTRY.get(name)(root=root, **kwargs)``;
-:func:`dataset_kwargs` gives the ``kwargs`` that the config asks for.
+How reidzoo builds any registered dataset (README "Datasets: what a dataset must be"):
+``DATASET_REGISTRY.get(name)(root=<absolute DATASETS.ROOT>, combineall=DATASETS.COMBINEALL,
+**dataset_kwargs(cfg, name))``. :func:`dataset_kwargs` is the one way config values reach a
+dataset: its class's ``from_config(cfg)`` (a classmethod returning constructor keywords, the
+convention of fast-reid's ``@configurable``), plus ``split_index=DATASETS.SPLIT_INDEX`` for a
+dataset that declares ``num_splits``. fast-reid's own classes cannot carry a ``from_config``;
+reidzoo keeps theirs in :data:`FASTREID_FROM_CONFIG`.
 """
+
+import logging
 
 from reidzoo.config import add_node, register_config
 from reidzoo.registry import DATASET_REGISTRY
@@ -21,49 +28,110 @@ from .small import (
 from .synthetic import SyntheticReID, synthetic_kwargs
 
 __all__ = [
+    "FASTREID_FROM_CONFIG",
     "NUM_SPLITS",
     "PRID450S",
-    "SPLIT_DATASETS",
     "SyntheticReID",
     "VIPeRSingleShot",
     "dataset_kwargs",
+    "dataset_num_splits",
     "split_identities",
     "summarize_splits",
     "synthetic_kwargs",
 ]
 
-#: Registry names of the datasets that take ``split_index``.
-SPLIT_DATASETS = ("VIPeRSingleShot", "PRID450S")
+logger = logging.getLogger(__name__)
+_WARNED = set()  # (dataset, split index) pairs already warned about
+
+
+def _cuhk03_from_config(cfg):
+    c = cfg.DATASETS.CUHK03
+    return {
+        "cuhk03_labeled": bool(c.LABELED),
+        "cuhk03_classic_split": bool(c.CLASSIC_SPLIT),
+        "split_id": int(cfg.DATASETS.get("SPLIT_INDEX", 0)),
+    }
+
+
+#: ``from_config`` of fast-reid's own dataset classes (which reidzoo cannot add a method to):
+#: registry name -> (function cfg -> constructor keywords, function cfg -> number of splits,
+#: or None when it has none). CUHK03's classic protocol has 20 splits, the new one 1.
+FASTREID_FROM_CONFIG = {
+    "CUHK03": (_cuhk03_from_config, lambda cfg: 20 if cfg.DATASETS.CUHK03.CLASSIC_SPLIT else 1),
+}
+
+
+def _fastreid_entry(name, cls):
+    entry = FASTREID_FROM_CONFIG.get(name)
+    return entry if entry is not None and cls.__module__.startswith("fastreid.") else None
+
+
+def dataset_num_splits(cfg, name):
+    """How many standard splits dataset ``name`` has (``DATASETS.SPLIT_INDEX`` 0..n-1).
+
+    Args:
+        cfg (CfgNode): root config.
+        name (str): a registry name.
+    Returns:
+        int | None: the class attribute ``num_splits`` (fast-reid's CUHK03: 20 under
+        ``DATASETS.CUHK03.CLASSIC_SPLIT``, else 1); None for a dataset without splits, which
+        ``DATASETS.SPLIT_INDEX`` does not reach.
+    Raises:
+        KeyError: ``name`` is not registered (the message lists the registered names).
+    """
+    cls = DATASET_REGISTRY.get(name)
+    entry = _fastreid_entry(name, cls)
+    if entry is not None:
+        return entry[1](cfg)
+    n = getattr(cls, "num_splits", None)
+    return None if n is None else int(n)
 
 
 def dataset_kwargs(cfg, name):
-    """Keyword arguments (besides ``root``) to build dataset ``name`` as ``cfg`` asks.
+    """Keyword arguments (besides ``root`` and ``combineall``) to build dataset ``name`` as
+    ``cfg`` asks: the one way config values reach a registered dataset.
+
+    * ``cls.from_config(cfg)`` when the class defines it (a classmethod returning a dict of
+      constructor keywords; reidzoo's ``SyntheticReID`` reads ``DATASETS.SYNTHETIC`` this way),
+      or the entry of :data:`FASTREID_FROM_CONFIG` for fast-reid's own classes;
+    * ``split_index=DATASETS.SPLIT_INDEX`` when the class declares ``num_splits`` (and
+      ``from_config`` did not set it), as ``VIPeRSingleShot`` and ``PRID450S`` do.
+
+    A dataset with neither gets ``{}``. A ``DATASETS.SPLIT_INDEX`` other than 0 that reaches no
+    split of the dataset is logged as a warning naming it, since the same config may split
+    another of its datasets.
 
     Args:
         cfg (CfgNode): root config.
         name (str): a registry name, e.g. ``"SyntheticReID"``, ``"PRID450S"``, ``"Market1501"``.
     Returns:
-        dict: ``synthetic_kwargs(cfg)`` for ``SyntheticReID``, ``{"split_index":
-        cfg.DATASETS.SPLIT_INDEX}`` for ``VIPeRSingleShot`` / ``PRID450S``, the box type and
-        protocol of ``DATASETS.CUHK03`` (and ``split_id``) for ``CUHK03``, ``{}`` for any other
-        registered dataset. fast-reid's dataset base class ignores keyword arguments it does
-        not know, so the kwargs of several datasets can be merged into one dict.
+        dict: constructor keywords.
     Raises:
         KeyError: ``name`` is not registered (the message lists the registered names).
+        TypeError: ``from_config`` returned something other than a dict (names the class).
     """
-    DATASET_REGISTRY.get(name)  # fail early, with the list of names, on a typo
-    if name == "SyntheticReID":
-        return synthetic_kwargs(cfg)
-    if name in SPLIT_DATASETS:
-        return {"split_index": int(cfg.DATASETS.get("SPLIT_INDEX", 0))}
-    if name == "CUHK03":
-        c = cfg.DATASETS.CUHK03
-        return {
-            "cuhk03_labeled": bool(c.LABELED),
-            "cuhk03_classic_split": bool(c.CLASSIC_SPLIT),
-            "split_id": int(cfg.DATASETS.get("SPLIT_INDEX", 0)),
-        }
-    return {}
+    cls = DATASET_REGISTRY.get(name)  # fail early, with the list of names, on a typo
+    entry = _fastreid_entry(name, cls)
+    from_config = entry[0] if entry is not None else getattr(cls, "from_config", None)
+    kwargs = {} if from_config is None else from_config(cfg)
+    if not isinstance(kwargs, dict):
+        raise TypeError(
+            f"{cls.__module__}.{cls.__qualname__}.from_config(cfg) returned "
+            f"{type(kwargs).__name__}; expected a dict of constructor keywords"
+        )
+    kwargs = dict(kwargs)
+    split = int(cfg.DATASETS.get("SPLIT_INDEX", 0))
+    if entry is None and getattr(cls, "num_splits", None) is not None:
+        kwargs.setdefault("split_index", split)
+    elif split != 0 and entry is None and (name, split) not in _WARNED:
+        _WARNED.add((name, split))
+        logger.warning(
+            "DATASETS.SPLIT_INDEX %d does not reach dataset %s: it declares no num_splits "
+            "(README, Datasets), so it is built the same for every split index",
+            split,
+            name,
+        )
+    return kwargs
 
 
 @register_config

@@ -1,6 +1,6 @@
 """Small real two-camera benchmarks, VIPeR and PRID 450S, under the single-shot protocol.
 
-Both ship as one flat folder of PNG files and no split files (see ``shared/data/README.md``):
+Both ship as one flat folder of PNG files and no split files:
 
 * ``<root>/viper/PPPPCCCC.png``: 4-digit person id, 4-digit camera (``00010002.png``: person 1,
   camera 2), 632 ids x 2 cameras;
@@ -44,8 +44,9 @@ def add_split_config(cfg):
     Args:
         cfg (CfgNode): root config, modified in place.
     """
-    # Split of VIPeRSingleShot / PRID450S (0..9): the seed of numpy.random.default_rng that
-    # halves the identities into train and test.
+    # Split of every dataset that declares num_splits (VIPeRSingleShot / PRID450S: 0..9, the
+    # seed of numpy.random.default_rng that halves the identities into train and test; a
+    # plugin's own meaning for its datasets), passed to them as split_index.
     add_node(cfg, "DATASETS", {"SPLIT_INDEX": 0})
 
 
@@ -91,6 +92,9 @@ class _TwoCameraSingleShot(ImageDataset):
     file_pattern = None
     #: Human description of the expected files, used in error messages.
     layout = ""
+    #: Standard random splits: declaring it makes reidzoo pass ``split_index`` from
+    #: ``DATASETS.SPLIT_INDEX`` and ``python -m reidzoo.splits`` run 0..num_splits-1.
+    num_splits = NUM_SPLITS
 
     def __init__(self, root="datasets", split_index=0, **kwargs):
         self.root = root

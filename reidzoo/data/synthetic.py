@@ -648,6 +648,19 @@ class SyntheticReID(ImageDataset):
     _junk_pids = [0, -1]
     dataset_name = "syntheticreid"
 
+    @classmethod
+    def from_config(cls, cfg):
+        """Constructor keywords from ``cfg.DATASETS.SYNTHETIC`` (:func:`synthetic_kwargs`); how
+        reidzoo's builder passes config values to a dataset
+        (:func:`reidzoo.data.datasets.dataset_kwargs`).
+
+        Args:
+            cfg (CfgNode): root config.
+        Returns:
+            dict[str, int]
+        """
+        return synthetic_kwargs(cfg)
+
     def __init__(
         self,
         root="datasets",
