@@ -121,6 +121,79 @@ def ordered_datasets(names):
     return [d for d in DATASETS if d in names] + sorted(names - set(DATASETS))
 
 
+#: The method-vs-own-base pairs (benchmarks/REAL_DATA.md, "Pairs"): configs under
+#: ``configs/Pairs/``, one budget file per pair (``<Paper>/base.yml``, the paper's own base) and
+#: leaves that add only the paper's addition. Cell name -> (display name, stages).
+PAIRS_CONFIG_DIR = os.path.join("configs", "Pairs")
+PAIR_MODELS = {
+    "bot": ("fast-reid BoT baseline (reference)", (Stage("baseline.yml"),)),
+    "ianet-base": ("IANet base (no IA block, Tab. 4)", (Stage("IANet/base.yml"),)),
+    "ianet": ("IANet", (Stage("IANet/ianet.yml"),)),
+    "ianet-renorm": ("IANet, FUSION_NORM renorm", (Stage("IANet/ianet_renorm.yml"),)),
+    "pan-base": ("PAN PLM baseline (no PAM, Tab. 2)", (Stage("PAN/base.yml"),)),
+    "pan": ("PAN", (Stage("PAN/pan.yml"),)),
+    "pfe-base": ("PFE ResNet baseline (no TSAM, Tab. I)", (Stage("PFE/base.yml"),)),
+    "pfe": (
+        "PFE (stage I + II)",
+        (Stage("PFE/stage1.yml"), Stage("PFE/stage2.yml", "stage1")),
+    ),
+    "pmm-base": ("PMM base (BDB layout)", (Stage("PMM/base.yml"),)),
+    "pmm-no-mix": ("PMM without mixing", (Stage("PMM/pmm_no_mix.yml"),)),
+    "pmm": ("PMM", (Stage("PMM/pmm.yml"),)),
+    "rmgl-base": ("RMGL BL (Tab. V)", (Stage("RMGL/base.yml"),)),
+    "rmgl": ("RMGL (+RP +ABP +RSA)", (Stage("RMGL/rmgl.yml"),)),
+}
+
+#: What each pair tests: (paper, what is added, (method cell, view), (base cell, view)). A view
+#: is ``"final"`` (the cell's last stage, the paper's test feature), ``"stage1"`` (the first
+#: stage's results) or a metric group of the last stage (``"F5"``, ``"side"``: PFE stage II).
+COMPARISONS = (
+    ("IANet", "IA blocks", ("ianet", "final"), ("ianet-base", "final")),
+    ("IANet", "IA blocks, renorm fusion", ("ianet-renorm", "final"), ("ianet-base", "final")),
+    ("PAN", "PAM", ("pan", "final"), ("pan-base", "final")),
+    ("PFE", "TSAM (stage I)", ("pfe", "stage1"), ("pfe-base", "final")),
+    ("PFE", "stage I + II, concatenation", ("pfe", "final"), ("pfe-base", "final")),
+    ("PFE", "stage II over stage I", ("pfe", "final"), ("pfe", "stage1")),
+    ("PFE", "stage II: F5 alone vs stage I", ("pfe", "F5"), ("pfe", "stage1")),
+    ("PFE", "stage II: side alone vs stage I", ("pfe", "side"), ("pfe", "stage1")),
+    ("PMM", "progressive stages + hard-mix", ("pmm", "final"), ("pmm-base", "final")),
+    ("PMM", "hard-mix alone", ("pmm", "final"), ("pmm-no-mix", "final")),
+    ("RMGL", "RP + ABP + RSA", ("rmgl", "final"), ("rmgl-base", "final")),
+)
+
+#: Cost rows of ``benchmarks/run.py`` (``pairs-*`` models) for each (cell, view).
+COST_MODELS = {
+    ("bot", "final"): "pairs-bot-baseline",
+    ("ianet-base", "final"): "pairs-ianet-base",
+    ("ianet", "final"): "pairs-ianet",
+    ("ianet-renorm", "final"): "pairs-ianet-renorm",
+    ("pan-base", "final"): "pairs-pan-base",
+    ("pan", "final"): "pairs-pan",
+    ("pfe-base", "final"): "pairs-pfe-base",
+    ("pfe", "stage1"): "pairs-pfe-stage1",
+    ("pfe", "final"): "pairs-pfe-stage2",
+    ("pfe", "F5"): "pairs-pfe-stage2",
+    ("pfe", "side"): "pairs-pfe-stage2",
+    ("pmm-base", "final"): "pairs-pmm-base",
+    ("pmm-no-mix", "final"): "pairs-pmm-no-mix",
+    ("pmm", "final"): "pairs-pmm",
+    ("rmgl-base", "final"): "pairs-rmgl-base",
+    ("rmgl", "final"): "pairs-rmgl",
+}
+
+#: suite -> (config folder, models, records subfolder, logs subfolder, Markdown markers).
+SUITES = {
+    "league": (CONFIG_DIR, MODELS, "", "", ("<!-- real_data:begin -->", "<!-- real_data:end -->")),
+    "pairs": (
+        PAIRS_CONFIG_DIR,
+        PAIR_MODELS,
+        "pairs",
+        "pairs",
+        ("<!-- pairs:begin -->", "<!-- pairs:end -->"),
+    ),
+}
+
+
 def stage_name(i, n):
     """Folder name of stage ``i`` (0-based) of ``n``: ``""`` for a single-stage model."""
     return "" if n == 1 else f"stage{i + 1}"
@@ -131,7 +204,17 @@ def cell_dir(logs, model, dataset, split):
     return os.path.join(logs, model, dataset, f"split_{split}")
 
 
-def build_commands(model, dataset, split, root, logs, python=sys.executable, extra=()):
+def build_commands(
+    model,
+    dataset,
+    split,
+    root,
+    logs,
+    python=sys.executable,
+    extra=(),
+    models=MODELS,
+    config_dir=CONFIG_DIR,
+):
     """The ``train_net.py`` commands of one cell, one per stage.
 
     Args:
@@ -142,13 +225,15 @@ def build_commands(model, dataset, split, root, logs, python=sys.executable, ext
         logs (str): root of the output folders.
         python (str): interpreter.
         extra (Sequence[str]): further ``KEY VALUE`` overrides, applied last.
+        models (dict): :data:`MODELS` or :data:`PAIR_MODELS`.
+        config_dir (str): folder of ``models``' configs, relative to the repository root.
     Returns:
         list[tuple[list[str], str]]: ``(argv, output_dir)`` per stage, in order.
     """
-    if model not in MODELS:
-        raise KeyError(f"unknown model '{model}'; known: {sorted(MODELS)}")
+    if model not in models:
+        raise KeyError(f"unknown model '{model}'; known: {sorted(models)}")
     name = registry_name(dataset)
-    stages = MODELS[model][1]
+    stages = models[model][1]
     base = cell_dir(logs, model, dataset, split)
     out_dirs = {}
     commands = []
@@ -156,7 +241,7 @@ def build_commands(model, dataset, split, root, logs, python=sys.executable, ext
         sname = stage_name(i, len(stages))
         out = os.path.join(base, sname) if sname else base
         out_dirs[sname] = out
-        argv = [python, "train_net.py", "--config-file", os.path.join(CONFIG_DIR, stage.config)]
+        argv = [python, "train_net.py", "--config-file", os.path.join(config_dir, stage.config)]
         # A cell runs again only when it has no record (failed, or --force): its old outputs
         # move to <folder>.replaced-<time> instead of blocking it.
         argv += ["--overwrite"]
@@ -256,9 +341,11 @@ def evaluations(output_dir):
                 continue
             values = {}
             for key, value in entry.items():
-                name = key.rsplit("/", 1)[-1]
-                if name in METRICS:
-                    values[name] = float(value)
+                parts = key.split("/")
+                # "<metric>" or "<dataset>/<metric>"; a metric group ("<dataset>/F5/<metric>",
+                # PFE stage II) is not the model's test feature
+                if parts[-1] in METRICS and len(parts) <= 2:
+                    values[parts[-1]] = float(value)
             if len(values) == len(METRICS):
                 found.append({"iteration": int(entry.get("iteration", -1)), **values})
     return found
@@ -277,7 +364,16 @@ def _write_json(path, payload):
 
 
 def run_cell(
-    model, dataset, split, root, logs, extra=(), dry_run=False, force=False, records=RECORDS
+    model,
+    dataset,
+    split,
+    root,
+    logs,
+    extra=(),
+    dry_run=False,
+    force=False,
+    records=RECORDS,
+    suite="league",
 ):
     """Train one cell (all its stages), write ``run_info.json`` into its folder and, when every
     stage succeeded, the cell's record (:func:`record_path`).
@@ -285,7 +381,10 @@ def run_cell(
     Returns:
         str: ``"done"``, ``"skipped"`` (a record exists), ``"dry-run"`` or ``"failed"``.
     """
-    commands = build_commands(model, dataset, split, root, logs, extra=extra)
+    config_dir, models = SUITES[suite][:2]
+    commands = build_commands(
+        model, dataset, split, root, logs, extra=extra, models=models, config_dir=config_dir
+    )
     final_out = commands[-1][1]
     for argv, _ in commands:
         print("$ " + shlex.join(argv), flush=True)
@@ -295,7 +394,7 @@ def run_cell(
     if not force and os.path.isfile(record):
         print(f"skip: {record} exists", flush=True)
         return "skipped"
-    info = {"model": model, "dataset": dataset, "split": split, "stages": []}
+    info = {"model": model, "dataset": dataset, "split": split, "suite": suite, "stages": []}
     info["git"] = git_revision()
     info["started_utc"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M")
     info["machine_start"] = machine_info()
@@ -313,7 +412,11 @@ def run_cell(
         stage_results = os.path.join(REPO, out, "results.json")
         if rc == 0 and os.path.isfile(stage_results):
             with open(stage_results) as f:
-                stage["final"] = _metrics(json.load(f))
+                payload = json.load(f)
+            stage["final"] = _metrics(payload)
+            groups = _group_metrics(payload)
+            if groups:
+                stage["groups"] = groups
         info["stages"].append(stage)
         if rc != 0:
             status = "failed"
@@ -335,15 +438,31 @@ def run_cell(
     return status
 
 
-def _metrics(results):
-    """Flat ``{metric: value}`` of a ``results.json`` payload (single test set)."""
+def _results(results):
     res = results.get("results", results)
     if "Rank-1" not in res and len(res) == 1:
         res = next(iter(res.values()))
+    return res
+
+
+def _metrics(results):
+    """Flat ``{metric: value}`` of a ``results.json`` payload (single test set)."""
+    res = _results(results)
     return {m: float(res[m]) for m in METRICS}
 
 
-def load_records(records):
+def _group_metrics(results):
+    """``{group: {metric: value}}`` of the prefixed metric groups of a ``results.json`` payload
+    (PFE stage II's ``F5/Rank-1``, ``side/mAP``, ...); empty when there are none."""
+    groups = {}
+    for key, value in _results(results).items():
+        group, _, name = key.rpartition("/")
+        if group and name in METRICS:
+            groups.setdefault(group, {})[name] = float(value)
+    return {g: m for g, m in groups.items() if len(m) == len(METRICS)}
+
+
+def load_records(records, models=MODELS):
     """Every finished cell's record under ``records``.
 
     Returns:
@@ -353,7 +472,7 @@ def load_records(records):
         ValueError: a record is not valid JSON or lacks its metrics (names the file).
     """
     found = []
-    for model in MODELS:
+    for model in models:
         top = os.path.join(records, model)
         for dataset in ordered_datasets(os.listdir(top) if os.path.isdir(top) else ()):
             folder = os.path.join(records, model, dataset)
@@ -386,7 +505,7 @@ def _revision(rec):
     return rev + ("+dirty" if git.get("dirty") else "")
 
 
-def collect(records):
+def collect(records, models=MODELS):
     """The records under ``records`` aggregated per (model, dataset) over the splits.
 
     Returns:
@@ -397,14 +516,14 @@ def collect(records):
         git revisions the runs were made at). Rows follow :data:`MODELS` and :data:`DATASETS`.
     """
     groups = {}
-    for rec in load_records(records):
+    for rec in load_records(records, models):
         groups.setdefault((rec["model"], rec["dataset"]), []).append(rec)
     rows = []
     for (model, dataset), cells in groups.items():
         walls = [float(c["wall_s"]) for c in cells if c.get("wall_s") is not None]
         row = {
             "model": model,
-            "display": MODELS[model][0],
+            "display": models[model][0],
             "dataset": dataset,
             "splits": [c["split"] for c in cells],
             "n": len(cells),
@@ -420,7 +539,7 @@ def collect(records):
     return rows
 
 
-def markdown_runs(recs):
+def markdown_runs(recs, models=MODELS):
     """Markdown table with one line per run: rank-1 / mAP at every evaluation during training
     and at the end (from the record's stages; a two-stage model lists both stages), wall time,
     start time and load, git revision. (fast-reid's ``metrics.json`` misses the evaluation after
@@ -446,7 +565,7 @@ def markdown_runs(recs):
             evals.append(tag + ", ".join(points or ["n/a"]))
         wall = rec.get("wall_s")
         cells = [
-            MODELS[rec["model"]][0],
+            models[rec["model"]][0],
             DATASETS.get(rec["dataset"], rec["dataset"]),
             str(rec["split"]),
             "; ".join(evals) or "n/a",
@@ -469,6 +588,147 @@ def report(records):
             continue
         parts.append(f"**{heading}**\n\n" + markdown(collect(folder)) + "\n" + markdown_runs(recs))
     return "\n".join(parts)
+
+
+def view_metrics(rec, view):
+    """The metrics of one view of a record (see :data:`COMPARISONS`), or None if absent."""
+    stages = rec.get("stages") or []
+    if view == "final":
+        return rec["metrics"]
+    if view == "stage1":
+        return (stages[0].get("final") if stages else None) or None
+    return ((stages[-1].get("groups") or {}).get(view) if stages else None) or None
+
+
+def _mean_std(values):
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def load_costs(path):
+    """``{benchmarks/run.py model name: row}`` of a ``benchmarks/run.py --output`` JSON file,
+    ``{}`` when the file does not exist."""
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        payload = json.load(f)
+    return {row["model"]: row for row in payload.get("rows", []) if row.get("model")}
+
+
+def pair_rows(records, costs=None):
+    """Each comparison of :data:`COMPARISONS` on each dataset, paired by split.
+
+    Only splits where both the method's and the base's view exist are used.
+
+    Args:
+        records (str): the pairs' records folder.
+        costs (dict | None): :func:`load_costs` rows for the cost ratios.
+    Returns:
+        list[dict]: ``paper``, ``added``, ``dataset``, ``splits``; for ``"Rank-1"`` and
+        ``"mAP"``: ``<m>_method`` / ``<m>_base`` (mean, std), ``<m>_diffs`` (method - base per
+        split, in split order), ``<m>_diff_mean``, ``<m>_wins`` (splits where the method is
+        higher); ``step_ratio`` / ``macs_ratio`` (method / base, None without costs).
+    """
+    costs = costs or {}
+    by_cell = {}
+    for rec in load_records(records, PAIR_MODELS):
+        by_cell.setdefault((rec["model"], rec["dataset"]), {})[rec["split"]] = rec
+    rows = []
+    for paper, added, (mcell, mview), (bcell, bview) in COMPARISONS:
+        for dataset in ordered_datasets(d for _, d in by_cell):
+            method = by_cell.get((mcell, dataset), {})
+            base = by_cell.get((bcell, dataset), {})
+            pairs = []
+            for split in sorted(set(method) & set(base)):
+                m, b = view_metrics(method[split], mview), view_metrics(base[split], bview)
+                if m and b:
+                    pairs.append((split, m, b))
+            if not pairs:
+                continue
+            row = {"paper": paper, "added": added, "dataset": dataset}
+            row["splits"] = [p[0] for p in pairs]
+            for metric in ("Rank-1", "mAP"):
+                mv = [p[1][metric] for p in pairs]
+                bv = [p[2][metric] for p in pairs]
+                diffs = [a - b for a, b in zip(mv, bv)]
+                row[f"{metric}_method"] = _mean_std(mv)
+                row[f"{metric}_base"] = _mean_std(bv)
+                row[f"{metric}_diffs"] = diffs
+                row[f"{metric}_diff_mean"] = statistics.mean(diffs)
+                row[f"{metric}_wins"] = sum(d > 0 for d in diffs)
+            mc, bc = costs.get(COST_MODELS[(mcell, mview)]), costs.get(COST_MODELS[(bcell, bview)])
+            for key, name in (("train_step_s", "step_ratio"), ("macs", "macs_ratio")):
+                ok = mc and bc and mc.get(key) and bc.get(key)
+                row[name] = mc[key] / bc[key] if ok else None
+            rows.append(row)
+    return rows
+
+
+def markdown_pairs(rows):
+    """Markdown table of :func:`pair_rows` (metrics in %)."""
+    lines = [
+        "| paper | added | dataset | splits | rank-1 method | rank-1 base | rank-1 difference "
+        "per split | mean | method better | mAP method | mAP base | mAP difference per split | "
+        "mean | method better | step time x | MACs x |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        n = len(r["splits"])
+        cells = [
+            r["paper"],
+            r["added"],
+            DATASETS.get(r["dataset"], r["dataset"]),
+            ",".join(map(str, r["splits"])),
+        ]
+        for metric in ("Rank-1", "mAP"):
+            cells += [
+                "{:.1f} +- {:.1f}".format(*r[f"{metric}_method"]),
+                "{:.1f} +- {:.1f}".format(*r[f"{metric}_base"]),
+                ", ".join(f"{d:+.1f}" for d in r[f"{metric}_diffs"]),
+                f"{r[f'{metric}_diff_mean']:+.1f}",
+                f"{r[f'{metric}_wins']} of {n}",
+            ]
+        for key in ("step_ratio", "macs_ratio"):
+            cells.append(f"{r[key]:.2f}" if r[key] is not None else "n/a")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def report_pairs(records):
+    """The pairs' Markdown block: the paired comparisons (with the cost ratios of
+    ``<records>/costs.json`` when present), every cell's mean over its splits (PFE stage II's
+    metric groups as extra lines), then one line per run."""
+    costs = load_costs(os.path.join(records, "costs.json"))
+    recs = load_records(records, PAIR_MODELS)
+    cells = collect(records, PAIR_MODELS)
+    group_lines = []
+    for group in ("F5", "side"):
+        per = {}
+        for rec in recs:
+            metrics = view_metrics(rec, group)
+            if metrics:
+                per.setdefault((rec["model"], rec["dataset"]), []).append((rec, metrics))
+        for (model, dataset), found in per.items():
+            row = {
+                "model": model,
+                "display": f"{PAIR_MODELS[model][0]}: {group} alone",
+                "dataset": dataset,
+                "splits": [rec["split"] for rec, _ in found],
+                "n": len(found),
+                "wall_s": None,
+                "machine": found[0][0].get("machine_start"),
+                "revisions": sorted({_revision(rec) for rec, _ in found}),
+            }
+            for m in METRICS:
+                row[f"{m}_mean"], row[f"{m}_std"] = _mean_std([x[m] for _, x in found])
+            group_lines.append(row)
+    return (
+        "**Pairs: method against its own base (paired by split)**\n\n"
+        + markdown_pairs(pair_rows(records, costs))
+        + "\n**Every cell (mean +- std over its splits)**\n\n"
+        + markdown(cells + group_lines)
+        + "\n"
+        + markdown_runs(recs, PAIR_MODELS)
+    )
 
 
 def _load_text(machine):
@@ -504,14 +764,16 @@ def markdown(rows):
     return "\n".join(lines) + "\n"
 
 
-def update_markdown(path, table):
-    """Replace the text between :data:`BEGIN_MARK` and :data:`END_MARK` in ``path`` by
-    ``table`` (appended with the markers when they are missing)."""
+def update_markdown(path, table, marks=(BEGIN_MARK, END_MARK)):
+    """Replace the text between the ``marks`` (default :data:`BEGIN_MARK` and
+    :data:`END_MARK`) in ``path`` by ``table`` (appended with the markers when they are
+    missing)."""
+    begin, end = marks
     text = open(path).read() if os.path.isfile(path) else ""
-    block = f"{BEGIN_MARK}\n{table}{END_MARK}"
-    if BEGIN_MARK in text and END_MARK in text:
-        head, rest = text.split(BEGIN_MARK, 1)
-        tail = rest.split(END_MARK, 1)[1]
+    block = f"{begin}\n{table}{end}"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        tail = rest.split(end, 1)[1]
         text = head + block + tail
     else:
         text = text + ("\n" if text and not text.endswith("\n") else "") + block + "\n"
@@ -528,7 +790,13 @@ def parse_args(argv=None) -> Tuple[argparse.Namespace, list]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     run = sub.add_parser("run", help="train cells")
-    run.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    run.add_argument(
+        "--models",
+        nargs="+",
+        default=None,
+        choices=sorted(set(MODELS) | set(PAIR_MODELS)),
+        help="cells of the suite (default: all of them)",
+    )
     run.add_argument(
         "--datasets",
         nargs="+",
@@ -549,6 +817,13 @@ def parse_args(argv=None) -> Tuple[argparse.Namespace, list]:
     col = sub.add_parser("collect", help="Markdown table of finished cells")
     for p in (run, col):
         p.add_argument(
+            "--suite",
+            default="league",
+            choices=list(SUITES),
+            help="league: every model under one budget (configs/RealData); pairs: each method "
+            "against its own base (configs/Pairs; records and logs in a 'pairs' subfolder)",
+        )
+        p.add_argument(
             "--records",
             default=RECORDS,
             help="folder of the finished cells' records (tracked by git)",
@@ -557,16 +832,33 @@ def parse_args(argv=None) -> Tuple[argparse.Namespace, list]:
     return parser.parse_args(argv), extra
 
 
+def _report(records, suite):
+    if suite == "pairs":
+        return report_pairs(os.path.join(records, SUITES[suite][2]))
+    return report(records)
+
+
 def main(argv=None):
     args, extra = parse_args(argv)
+    _, models, suite_sub, suite_logs, marks = SUITES[args.suite]
     if args.cmd == "run":
+        chosen = args.models or list(models)
+        unknown = [m for m in chosen if m not in models]
+        if unknown:
+            raise SystemExit(
+                f"--models {' '.join(unknown)}: not cells of --suite {args.suite}; "
+                f"expected some of {list(models)}"
+            )
+        if args.suite != "league" and args.variant != "r18":
+            raise SystemExit(f"--variant {args.variant}: only the league has backbone variants")
         sub, overrides, _ = VARIANTS[args.variant]
+        sub = sub or suite_sub
         extra = list(overrides) + list(extra)
         records = os.path.join(args.records, sub) if sub else args.records
-        logs = os.path.join(args.logs, sub) if sub else args.logs
+        logs = os.path.join(args.logs, sub or suite_logs) if (sub or suite_logs) else args.logs
         for split in args.splits:
             for dataset in args.datasets:
-                for model in args.models:
+                for model in chosen:
                     status = run_cell(
                         model,
                         dataset,
@@ -577,14 +869,15 @@ def main(argv=None):
                         args.dry_run,
                         args.force,
                         records,
+                        args.suite,
                     )
                     print(f"cell {model}/{dataset}/split_{split}: {status}", flush=True)
                     if args.update_md and status == "done":
-                        update_markdown(args.update_md, report(args.records))
+                        update_markdown(args.update_md, _report(args.records, args.suite), marks)
         return 0
-    table = report(args.records)
+    table = _report(args.records, args.suite)
     if args.update_md:
-        update_markdown(args.update_md, table)
+        update_markdown(args.update_md, table, marks)
     else:
         sys.stdout.write(table)
     return 0

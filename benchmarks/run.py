@@ -128,7 +128,30 @@ MODELS = {
     "rmgl-384x128": Model("projects/RMGL/configs/RMGL_R50_Market1501.yml", (), BASE_384),
 }
 
-DEFAULT_MODELS = list(MODELS)
+# The real-data pairs (configs/Pairs/, benchmarks/REAL_DATA.md): ResNet-18 at 192x64, each
+# method against its own base, with the pairs' P 16 x K 2 (run them with --batch 32).
+PAIRS = {
+    "pairs-bot-baseline": ("baseline.yml", "pairs-bot-baseline"),
+    "pairs-ianet-base": ("IANet/base.yml", "pairs-ianet-base"),
+    "pairs-ianet": ("IANet/ianet.yml", "pairs-ianet-base"),
+    "pairs-ianet-renorm": ("IANet/ianet_renorm.yml", "pairs-ianet-base"),
+    "pairs-pan-base": ("PAN/base.yml", "pairs-pan-base"),
+    "pairs-pan": ("PAN/pan.yml", "pairs-pan-base"),
+    "pairs-pfe-base": ("PFE/base.yml", "pairs-pfe-base"),
+    "pairs-pfe-stage1": ("PFE/stage1.yml", "pairs-pfe-base"),
+    "pairs-pfe-stage2": ("PFE/stage2.yml", "pairs-pfe-base"),
+    "pairs-pmm-base": ("PMM/base.yml", "pairs-pmm-base"),
+    "pairs-pmm": ("PMM/pmm.yml", "pairs-pmm-base"),
+    "pairs-pmm-no-mix": ("PMM/pmm_no_mix.yml", "pairs-pmm-base"),
+    "pairs-rmgl-base": ("RMGL/base.yml", "pairs-rmgl-base"),
+    "pairs-rmgl": ("RMGL/rmgl.yml", "pairs-rmgl-base"),
+}
+MODELS.update(
+    {name: Model("configs/Pairs/" + cfg, (), base) for name, (cfg, base) in PAIRS.items()}
+)
+
+# The default run is the papers' settings; the pairs are asked for by name.
+DEFAULT_MODELS = [name for name in MODELS if name not in PAIRS]
 
 # (JSON key of a cost, True when larger is better) for the ratios.
 RATIO_KEYS = (

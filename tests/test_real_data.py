@@ -292,3 +292,114 @@ def test_r50_variant_has_its_own_folders_overrides_and_table(tmp_path, capsys):
     r18, r50 = block.split("**ResNet-50")
     assert "**ResNet-18" in r18 and "| 1.0 +- 0.0 |" in r18 and "5.0" not in r18
     assert "| 5.0 +- 0.0 |" in r50 and "| 1.0 +- 0.0 |" not in r50
+
+
+# ---------------------------------------------------------------- the method-vs-own-base pairs
+
+#: What each leaf may change against the cell it is compared with (COMPARISONS): the paper's
+#: addition and nothing else (OUTPUT_DIR aside).
+_ADDED = {
+    ("ianet", "ianet-base"): {"MODEL.BACKBONE.INSERTS"},
+    ("ianet-renorm", "ianet-base"): {"MODEL.BACKBONE.INSERTS", "MODEL.IANET.FUSION_NORM"},
+    ("pan", "pan-base"): {"MODEL.PAN.PAM_STAGES", "MODEL.PAN.PAM_DIMS"},
+    ("pfe", "pfe-base"): {"MODEL.BACKBONE.INSERTS"},  # stage I
+    ("pmm", "pmm-base"): {"MODEL.PMM.LAYOUT", "MODEL.PMM.MIX"},
+    ("pmm", "pmm-no-mix"): {"MODEL.PMM.MIX"},
+    ("rmgl", "rmgl-base"): {
+        "MODEL.RMGL.PATHS",
+        "MODEL.RMGL.ABP_TRAIN",
+        "MODEL.RMGL.ABP_TEST",
+        "INPUT.TRANSFORMS",
+    },
+}
+#: PFE stage II against stage I: the stage, its learning rate (the paper's / 10) and its
+#: shorter schedule, and the non-strict load of the new side branches.
+_STAGE2 = {
+    "MODEL.PFE.STAGE",
+    "SOLVER.BASE_LR",
+    "SOLVER.MAX_EPOCH",
+    "SOLVER.STEPS",
+    "REIDZOO.STRICT_LOAD",
+}
+
+
+def _flat(node, prefix=""):
+    out = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _pair_cfg(cell, stage=0):
+    config = rd.PAIR_MODELS[cell][1][stage].config
+    return setup_cfg(os.path.join(REPO, rd.PAIRS_CONFIG_DIR, config), freeze=True)
+
+
+def _differs(a, b):
+    fa, fb = _flat(a), _flat(b)
+    return {k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k)} - {"OUTPUT_DIR"}
+
+
+def test_every_comparison_is_listed_with_its_addition():
+    compared = {(m[0], b[0]) for _, _, m, b in rd.COMPARISONS if m[0] != b[0]}
+    assert compared == set(_ADDED)
+    assert set(rd.COST_MODELS) >= {c for _, _, m, b in rd.COMPARISONS for c in (m, b)}
+
+
+@pytest.mark.parametrize("pair", sorted(_ADDED))
+def test_pair_leaf_sets_only_the_papers_addition(pair):
+    """Method and base differ exactly in the paper's addition (same budget, losses, test
+    feature, input, schedule, seed), and every cell keeps the pairs' shared budget."""
+    method, base = (_pair_cfg(c) for c in pair)
+    assert _differs(method, base) == _ADDED[pair]
+    shared = setup_cfg(os.path.join(REPO, rd.PAIRS_CONFIG_DIR, "Base-pairs.yml"), freeze=True)
+    for cfg in (method, base):
+        assert list(cfg.INPUT.SIZE_TRAIN) == list(cfg.INPUT.SIZE_TEST) == [192, 64]
+        assert cfg.MODEL.BACKBONE.DEPTH == "18x" and cfg.MODEL.BACKBONE.PRETRAIN is False
+        for key in ("MAX_EPOCH", "STEPS", "WARMUP_ITERS", "IMS_PER_BATCH"):
+            assert cfg.SOLVER[key] == shared.SOLVER[key], key
+        assert cfg.REIDZOO.SEED == shared.REIDZOO.SEED == 0
+
+
+def test_pfe_stage2_changes_only_the_stage_and_its_schedule():
+    stage1, stage2 = _pair_cfg("pfe", 0), _pair_cfg("pfe", 1)
+    assert _differs(stage2, stage1) == _STAGE2
+    assert stage2.SOLVER.BASE_LR == pytest.approx(stage1.SOLVER.BASE_LR / 10)
+    # 18 of the paper's 120 stage I epochs, 12 of its 80 stage II epochs: 15 % each
+    assert stage1.SOLVER.MAX_EPOCH / 120 == pytest.approx(stage2.SOLVER.MAX_EPOCH / 80)
+
+
+@pytest.mark.parametrize("cell", sorted(rd.PAIR_MODELS))
+def test_pair_cell_final_map_has_twelve_rows(cell):
+    """At the pairs' 192x64 every model's last map (each branch's layer4 output) has at least
+    12 rows, and PMM's is the paper's 24 x 8, so that its 8 x 4 grid mixes 3 x 2 blocks."""
+    import torch
+
+    from reidzoo.modeling.build import build_model
+
+    cfg = _pair_cfg(cell, len(rd.PAIR_MODELS[cell][1]) - 1).clone()
+    cfg.defrost()
+    cfg.MODEL.HEADS.NUM_CLASSES = 8
+    model = build_model(cfg).eval()
+    shapes = []
+    # the last block of every layer4 (staged backbones run the blocks one by one); RMGL: the
+    # last stage of each granularity branch
+    last = [list(m.children())[-1] for n, m in model.named_modules() if n.endswith("layer4")]
+    last += [branch[-1] for branch in getattr(model, "branches", [])]
+    hooks = [
+        m.register_forward_hook(lambda _m, _i, out: shapes.append(tuple(out.shape)))
+        for m in last
+    ]
+    with torch.no_grad():
+        model(torch.rand(1, 3, 192, 64) * 255)
+    for h in hooks:
+        h.remove()
+    assert shapes, f"{cell}: no layer4 ran"
+    # RMGL's receptive-partitioned path runs each of the k stripes as its own sample: k x
+    # (12 / k rows) of the one image
+    assert min(s[0] * s[2] for s in shapes) >= 12, shapes
+    if cell.startswith("pmm"):
+        assert {s[2:] for s in shapes} == {(24, 8)}, shapes
