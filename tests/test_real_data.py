@@ -390,8 +390,7 @@ def test_pair_cell_final_map_has_twelve_rows(cell):
     last = [list(m.children())[-1] for n, m in model.named_modules() if n.endswith("layer4")]
     last += [branch[-1] for branch in getattr(model, "branches", [])]
     hooks = [
-        m.register_forward_hook(lambda _m, _i, out: shapes.append(tuple(out.shape)))
-        for m in last
+        m.register_forward_hook(lambda _m, _i, out: shapes.append(tuple(out.shape))) for m in last
     ]
     with torch.no_grad():
         model(torch.rand(1, 3, 192, 64) * 255)
@@ -403,3 +402,95 @@ def test_pair_cell_final_map_has_twelve_rows(cell):
     assert min(s[0] * s[2] for s in shapes) >= 12, shapes
     if cell.startswith("pmm"):
         assert {s[2:] for s in shapes} == {(24, 8)}, shapes
+
+
+def test_pairs_are_paired_by_split_with_views_and_cost_ratios(tmp_path):
+    """Differences are method - base on the splits both have; PFE's views read stage I's
+    results and stage II's metric groups; ratios come from benchmarks/run.py's JSON."""
+    records = str(tmp_path)
+    for split, (m, b) in enumerate([(20.0, 10.0), (15.0, 16.0), (30.0, 21.0)]):
+        _write_record(records, "pan", "viper", split, _m(m, 0, 0, m + 5))
+        _write_record(records, "pan-base", "viper", split, _m(b, 0, 0, b + 1))
+    _write_record(records, "pan", "viper", 7, _m(99.0, 0, 0, 99.0))  # no base: not paired
+    groups = {"F5": _m(12.0, 0, 0, 20.0), "side": _m(9.0, 0, 0, 15.0)}
+    stages = [{"final": _m(12.0, 0, 0, 20.0)}, {"final": _m(14.0, 0, 0, 23.0), "groups": groups}]
+    _write_record(records, "pfe", "prid450s", 0, _m(14.0, 0, 0, 23.0), stages=stages)
+    _write_record(records, "pfe-base", "prid450s", 0, _m(11.0, 0, 0, 21.0))
+    with open(os.path.join(records, "costs.json"), "w") as f:
+        json.dump(
+            {
+                "rows": [
+                    {"model": "pairs-pan", "train_step_s": 3.0, "macs": 30},
+                    {"model": "pairs-pan-base", "train_step_s": 2.0, "macs": 20},
+                ]
+            },
+            f,
+        )
+    rows = {(r["added"], r["dataset"]): r for r in rd.pair_rows(records, rd.load_costs(
+        os.path.join(records, "costs.json")))}  # fmt: skip
+    pan = rows[("PAM", "viper")]
+    assert pan["splits"] == [0, 1, 2]
+    assert pan["Rank-1_diffs"] == [10.0, -1.0, 9.0]
+    assert pan["Rank-1_diff_mean"] == pytest.approx(6.0) and pan["Rank-1_wins"] == 2
+    assert pan["mAP_diffs"] == [14.0, 3.0, 13.0] and pan["mAP_wins"] == 3
+    assert pan["Rank-1_method"] == (
+        pytest.approx(statistics.mean([20, 15, 30])),
+        pytest.approx(statistics.stdev([20, 15, 30])),
+    )
+    assert pan["step_ratio"] == pytest.approx(1.5) and pan["macs_ratio"] == pytest.approx(1.5)
+    assert rows[("TSAM (stage I)", "prid450s")]["Rank-1_diffs"] == [1.0]
+    assert rows[("stage I + II, concatenation", "prid450s")]["Rank-1_diffs"] == [3.0]
+    assert rows[("stage II over stage I", "prid450s")]["mAP_diffs"] == [3.0]
+    assert rows[("stage II: F5 alone vs stage I", "prid450s")]["mAP_diffs"] == [0.0]
+    assert rows[("stage II: side alone vs stage I", "prid450s")]["Rank-1_diffs"] == [-3.0]
+    assert rows[("TSAM (stage I)", "prid450s")]["step_ratio"] is None  # no cost rows
+    assert ("IA blocks", "viper") not in rows  # nothing recorded
+    block = rd.report_pairs(records)
+    assert "| PAN | PAM | VIPeRSingleShot | 0,1,2 |" in block
+    assert "+10.0, -1.0, +9.0 | +6.0 | 2 of 3 |" in block and "| 1.50 | 1.50 |" in block
+    assert "PFE (stage I + II): F5 alone" in block and "PFE (stage I + II): side alone" in block
+
+
+def test_pairs_suite_runs_its_own_cells_into_its_own_folders(tmp_path, capsys):
+    rc = rd.main(
+        ["run", "--suite", "pairs", "--models", "pfe", "--datasets", "viper", "--dry-run"]
+        + ["--logs", str(tmp_path / "l"), "--records", str(tmp_path / "r")]
+    )
+    assert rc == 0
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("$ ")]
+    assert len(lines) == 2
+    assert "configs/Pairs/PFE/stage1.yml" in lines[0] and "configs/Pairs/PFE/stage2.yml" in lines[1]
+    stage1 = os.path.join(str(tmp_path / "l"), "pairs", "pfe", "viper", "split_0", "stage1")
+    assert f"OUTPUT_DIR {stage1}" in lines[0]
+    assert f"MODEL.WEIGHTS {os.path.join(stage1, 'model_final.pth')}" in lines[1]
+    with pytest.raises(SystemExit, match="not cells of --suite pairs"):
+        rd.main(["run", "--suite", "pairs", "--models", "baseline", "--dry-run"])
+
+
+def test_pairs_record_keeps_stage2_metric_groups_apart(tmp_path, monkeypatch):
+    """PFE stage II's results.json and metrics.json carry F5/ and side/ groups next to the
+    paper's feature: the record keeps them as groups and never mistakes them for it."""
+    logs, records = str(tmp_path / "logs"), str(tmp_path / "records")
+
+    def fake_call(argv, cwd):
+        out = argv[argv.index("OUTPUT_DIR") + 1]
+        os.makedirs(out, exist_ok=True)
+        res = {f"{g}{k}": v for g, m in (("", 5.0), ("F5/", 3.0), ("side/", 1.0))
+               for k, v in _m(m, m, m, m).items()}  # fmt: skip
+        with open(os.path.join(out, "results.json"), "w") as f:
+            json.dump({"results": {"VIPeRSingleShot": res}}, f)
+        with open(os.path.join(out, "metrics.json"), "w") as f:
+            f.write(
+                json.dumps({"iteration": 9, **{f"VIPeRSingleShot/{k}": v for k, v in res.items()}})
+            )
+        return 0
+
+    monkeypatch.setattr(rd.subprocess, "call", fake_call)
+    assert rd.run_cell("pfe", "viper", 0, "/d", logs, records=records, suite="pairs") == "done"
+    with open(rd.record_path(records, "pfe", "viper", 0)) as f:
+        rec = json.load(f)
+    assert rec["suite"] == "pairs" and rec["metrics"]["Rank-1"] == 5.0
+    assert rec["stages"][1]["groups"]["F5"]["mAP"] == 3.0
+    assert rec["stages"][1]["groups"]["side"]["Rank-1"] == 1.0
+    paper = {m: 5.0 for m in rd.METRICS}
+    assert rec["stages"][1]["evaluations"] == [{"iteration": 9, **paper}]
