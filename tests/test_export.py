@@ -230,3 +230,159 @@ def test_trained_weights_need_no_imagenet_weights(tmp_path, tiny_yaml, capsys):
     assert PARITY_RE.match(_last_line(capsys.readouterr().out))
     loaded = FeatureExtractor(tiny_yaml, ckpt, opts=imagenet).model.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in state.items())
+
+
+# --- input conventions, output norm, metadata, sidecar, --inspect (issue 18) ---------------
+
+IMAGENET_MEAN_255 = [123.675, 116.28, 103.53]  # fast-reid's MODEL.PIXEL_MEAN default
+IMAGENET_STD_255 = [58.395, 57.12, 57.375]
+
+
+def _sha256(path):
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+@pytest.fixture
+def tiny_ckpt(tmp_path):
+    path = tmp_path / "weights" / "model_final.pth"
+    path.parent.mkdir()
+    state = build_eval_model(_tiny_cfg(), load_weights=False).state_dict()
+    torch.save({"model": state}, str(path))
+    return str(path)
+
+
+def test_export_imagenet_input_and_l2_output(tiny_yaml, tiny_ckpt, tmp_path, capsys):
+    import onnxruntime as ort
+
+    out = tmp_path / "imagenet.onnx"
+    argv = ["--config-file", tiny_yaml, "--checkpoint", tiny_ckpt, "--output", str(out),
+            "--input-format", "imagenet", "--output-norm", "l2"]  # fmt: skip
+    assert export.main(argv) == 0
+    assert float(PARITY_RE.match(_last_line(capsys.readouterr().out)).group(2)) <= 1e-4
+
+    model = build_eval_model(_tiny_cfg("MODEL.WEIGHTS", tiny_ckpt))
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    pixels = export.example_images(4, (64, 32), seed=21)  # 0-255
+    # what a torchvision-style consumer feeds: ToTensor (0-1), Normalize(ImageNet mean/std)
+    fed = ((pixels / 255.0 - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+           / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))  # fmt: skip
+    np.testing.assert_allclose(
+        fed.numpy(), export.to_input_format(pixels, "imagenet", IMAGENET_MEAN_255,
+                                            IMAGENET_STD_255).numpy(), atol=1e-5
+    )  # fmt: skip
+    (feats,) = session.run(["features"], {"images": fed.numpy()})
+    with torch.no_grad():
+        ref = torch.nn.functional.normalize(model(pixels), dim=1).numpy()
+    np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1.0, atol=1e-5)
+    assert np.abs(feats - ref).max() <= 1e-4
+    # the graph really takes the imagenet convention: 0-255 pixels give other features
+    (wrong,) = session.run(["features"], {"images": pixels.numpy()})
+    assert np.abs(wrong - ref).max() > 1e-2
+
+
+def test_export_metadata_sidecar_and_inspect(tiny_yaml, tiny_ckpt, tmp_path, capsys):
+    import json
+
+    import onnx
+
+    import reidzoo
+
+    out = tmp_path / "meta.onnx"
+    argv = ["--config-file", tiny_yaml, "--checkpoint", tiny_ckpt, "--output", str(out),
+            "--input-format", "imagenet"]  # fmt: skip
+    assert export.main(argv) == 0
+    capsys.readouterr()
+    props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert set(props) == set(export.METADATA_KEYS)
+    assert props["input_format"] == "imagenet" and props["value_range"] == "0-1"
+    assert props["channel_order"] == "RGB" and props["layout"] == "NCHW"
+    assert props["normalized_by"] == "caller"
+    np.testing.assert_allclose(json.loads(props["mean"]), [0.485, 0.456, 0.406], atol=1e-6)
+    np.testing.assert_allclose(json.loads(props["std"]), [0.229, 0.224, 0.225], atol=1e-6)
+    assert (props["input_height"], props["input_width"]) == ("64", "32")
+    assert props["feature_dim"] == "512" and props["l2_normalized"] == "false"
+    assert props["metric"] == get_cfg().TEST.METRIC
+    assert props["meta_architecture"] == "Baseline"
+    assert props["checkpoint"] == tiny_ckpt and props["checkpoint_sha256"] == _sha256(tiny_ckpt)
+    assert props["fastreid_version"] == "1.4.0"
+    assert props["reidzoo_version"] == reidzoo.__version__
+    assert props["torch_version"] == torch.__version__
+
+    # BoxMOT's sidecar, in the schema boxmot.reid.core.artifacts reads
+    sidecar = json.loads((tmp_path / "meta.onnx.metadata.json").read_text())
+    assert sidecar["schema_version"] == 1 and sidecar["model_kwargs_schema_version"] == 1
+    assert sidecar["model_kwargs"] == {"img_size": [64, 32]}
+    assert sidecar["artifact_sha256"] == _sha256(out)
+    assert sidecar["reidzoo"] == props
+
+    # --inspect prints the same back
+    assert export.main(["--inspect", str(out)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["metadata"] == props and info["sidecar_content"] == sidecar
+    assert info["inputs"] == [{"name": "images", "shape": ["batch", 3, 64, 32]}]
+    assert info["outputs"] == [{"name": "features", "shape": ["batch", 512]}]
+
+    # the config hash names the config, not where the weights lie; the checkpoint hash the bytes
+    moved = tmp_path / "elsewhere.pth"
+    moved.write_bytes(open(tiny_ckpt, "rb").read())
+    again = tmp_path / "again.onnx"
+    assert export.main(["--config-file", tiny_yaml, "--checkpoint", str(moved),
+                        "--output", str(again)]) == 0  # fmt: skip
+    props2 = {p.key: p.value for p in onnx.load(str(again)).metadata_props}
+    assert props2["config_sha256"] == props["config_sha256"]
+    assert props2["checkpoint_sha256"] == props["checkpoint_sha256"]
+    other = tmp_path / "other.onnx"
+    assert export.main(["--config-file", tiny_yaml, "--output", str(other),
+                        "TEST.METRIC", "euclidean"]) == 0  # fmt: skip
+    props3 = {p.key: p.value for p in onnx.load(str(other)).metadata_props}
+    assert props3["config_sha256"] != props["config_sha256"]
+    assert props3["metric"] == "euclidean"
+    assert props3["checkpoint"] == "" and props3["checkpoint_sha256"] == ""
+
+
+def test_export_raw255_metadata(tmp_path):
+    import json
+
+    import onnx
+
+    model = build_eval_model(_tiny_cfg())
+    out = tmp_path / "raw.onnx"
+    export.export_onnx(model, str(out), (64, 32), pixel_mean=IMAGENET_MEAN_255,
+                       pixel_std=IMAGENET_STD_255)  # fmt: skip
+    props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert props["input_format"] == "raw255" and props["value_range"] == "0-255"
+    assert props["normalized_by"] == "graph"
+    np.testing.assert_allclose(json.loads(props["mean"]), IMAGENET_MEAN_255, atol=1e-4)
+
+
+def test_parity_check_runs_in_the_chosen_input_format(tiny_yaml, tmp_path, capsys, monkeypatch):
+    """A graph that forgets to turn imagenet input back into pixels fails the check."""
+    monkeypatch.setattr(export.ExportModel, "forward", lambda self, images: self.model(images))
+    out = tmp_path / "forgot.onnx"
+    out.write_bytes(b"previous export")
+    rc = export.main(["--config-file", tiny_yaml, "--output", str(out),
+                      "--input-format", "imagenet"])  # fmt: skip
+    assert rc == 1
+    assert float(PARITY_RE.match(_last_line(capsys.readouterr().out)).group(2)) > 1e-4
+    assert out.read_bytes() == b"previous export"
+    assert not (tmp_path / "forgot.onnx.metadata.json").exists()
+    assert not _temp_leftovers(tmp_path)
+
+
+def test_inspect_and_openvino_errors(tiny_yaml, tmp_path, capsys):
+    import importlib.util
+
+    assert export.main(["--inspect", str(tmp_path / "absent.onnx")]) == 1
+    assert "absent.onnx" in capsys.readouterr().err
+    (tmp_path / "notes.txt").write_text("x")
+    assert export.main(["--inspect", str(tmp_path / "notes.txt")]) == 1
+    assert "expected an .onnx file" in capsys.readouterr().err
+    if importlib.util.find_spec("openvino") is None:
+        folder = str(tmp_path / "x_openvino_model")
+        rc = export.main(["--config-file", tiny_yaml, "--output", folder, "--format", "openvino"])
+        assert rc == 1
+        assert "pip install 'reidzoo[openvino]'" in capsys.readouterr().err
+        assert not (tmp_path / "x_openvino_model").exists()
