@@ -220,7 +220,9 @@ class ReidTrainer(DefaultTrainer):
         * with several processes, every rank's buffers are made equal before evaluation and
           checkpointing, so the evaluation sees the model that is saved;
         * ``model_final`` is written before the final evaluation;
-        * progress/ETA lines every ``REIDZOO.LOG_PERIOD`` iterations instead of every 200.
+        * progress/ETA lines every ``REIDZOO.LOG_PERIOD`` iterations instead of every 200;
+        * with ``REIDZOO.DIAGNOSTICS.ENABLED``, the training diagnostics
+          (:class:`reidzoo.engine.diagnostics.TrainingDiagnostics`).
         """
         from fastreid.engine import hooks as fr_hooks
 
@@ -239,6 +241,10 @@ class ReidTrainer(DefaultTrainer):
             if isinstance(h, fr_hooks.PeriodicWriter):
                 h._period = self.cfg.REIDZOO.LOG_PERIOD
             ret.append(h)
+        if self.cfg.REIDZOO.DIAGNOSTICS.ENABLED:  # README "Training diagnostics"
+            from reidzoo.engine.diagnostics import TrainingDiagnostics
+
+            ret.append(TrainingDiagnostics(self.cfg.REIDZOO.DIAGNOSTICS.PERIOD))
         return ret
 
     @classmethod
