@@ -21,8 +21,11 @@ is its own), one after the other, on this machine, at the input size of its conf
 * ``onnx_img_s``: the same for ONNX Runtime (CPU execution provider, as many intra-op threads as
   torch uses: ``--threads``, else torch's default) on the graph written by
   :func:`reidzoo.export.export_onnx`.
+* ``openvino_img_s``: the same for OpenVINO (CPU plugin, fp32 inference as BoxMOT compiles it,
+  ``--threads`` threads, one stream) on the IR written by :func:`reidzoo.export.export_openvino`;
+  None, and no column in the table, when the optional ``openvino`` package is not installed.
 * ``peak_rss_mib``: ``ru_maxrss`` of the measuring subprocess at the end (Python, torch,
-  model, training, export and both inference runs together), in MiB.
+  model, training, export and the inference runs together), in MiB.
 * ``ratio_*``: each cost divided by the same cost of the model's baseline (from the registry)
   measured in the same run. For throughputs the ratio is of images/s (< 1 means slower).
 
@@ -160,6 +163,7 @@ RATIO_KEYS = (
     ("train_step_s", False),
     ("eager_img_s", True),
     ("onnx_img_s", True),
+    ("openvino_img_s", True),
     ("peak_rss_mib", False),
 )
 
@@ -219,7 +223,9 @@ def measure(config_file, opts=(), batch=8, steps=5, warmup=2, name=None, threads
         ``input_train``, ``batch``, ``pk`` ([P, K]), ``params``, ``macs``, ``uncounted_ops``,
         ``train_step_s`` (median), ``train_step_times``, ``train_step_min_s``, ``losses`` (name
         -> last value), ``eager_img_s``, ``eager_batch_times``, ``onnx_img_s``,
-        ``onnx_batch_times``, ``onnx_parity_rel``, ``threads``, ``peak_rss_mib``.
+        ``onnx_batch_times``, ``onnx_parity_rel``, ``openvino_img_s``, ``openvino_batch_times``,
+        ``openvino_parity_rel`` (the three None without openvino), ``threads``,
+        ``peak_rss_mib``.
     """
     import numpy as np
     import onnxruntime as ort
@@ -287,6 +293,10 @@ def measure(config_file, opts=(), batch=8, steps=5, warmup=2, name=None, threads
         onnx_times = _median_time(lambda: session.run([OUTPUT_NAME], feed), steps, warmup)
     if not parity["rel"] <= 1e-4:
         logger.warning("%s: ONNX parity rel %.3g > 1e-4", name or config_file, parity["rel"])
+    openvino = measure_openvino(model, test_hw, test_images, batch, steps, warmup, threads)
+    if openvino["openvino_parity_rel"] is not None and not openvino["openvino_parity_rel"] <= 1e-4:
+        logger.warning("%s: OpenVINO parity rel %.3g > 1e-4", name or config_file,
+                       openvino["openvino_parity_rel"])  # fmt: skip
 
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     return {
@@ -309,8 +319,46 @@ def measure(config_file, opts=(), batch=8, steps=5, warmup=2, name=None, threads
         "onnx_img_s": batch / statistics.median(onnx_times),
         "onnx_batch_times": onnx_times,
         "onnx_parity_rel": float(parity["rel"]),
+        **openvino,
         "threads": threads,
         "peak_rss_mib": peak_kib / 1024.0,
+    }
+
+
+def measure_openvino(model, test_hw, test_images, batch, steps, warmup, threads):
+    """OpenVINO throughput of ``model``'s IR at batch ``batch``, or Nones without openvino.
+
+    Args:
+        model (nn.Module): the eval model.
+        test_hw (Sequence[int]): (H, W).
+        test_images (Tensor): [batch, 3, H, W] float 0-255.
+        batch, steps, warmup (int): as :func:`measure`.
+        threads (int): inference threads.
+    Returns:
+        dict: ``openvino_img_s`` (float | None), ``openvino_batch_times`` (list[float] | None),
+        ``openvino_parity_rel`` (float | None).
+    """
+    try:
+        import openvino as ov
+    except ImportError:
+        return {"openvino_img_s": None, "openvino_batch_times": None, "openvino_parity_rel": None}
+    from reidzoo.export import OPENVINO_XML, export_openvino
+
+    with tempfile.TemporaryDirectory(prefix="reidzoo-bench-") as tmp:
+        folder = os.path.join(tmp, "model_openvino_model")
+        parity = export_openvino(model, folder, test_hw, batch=batch, tol=None)
+        config = {
+            "INFERENCE_PRECISION_HINT": "f32",  # as BoxMOT; the bf16 default drifts ~1e-2
+            "INFERENCE_NUM_THREADS": int(threads),
+            "NUM_STREAMS": 1,
+        }
+        compiled = ov.Core().compile_model(os.path.join(folder, OPENVINO_XML), "CPU", config)
+        feed = test_images.numpy()
+        times = _median_time(lambda: compiled([feed]), steps, warmup)
+    return {
+        "openvino_img_s": batch / statistics.median(times),
+        "openvino_batch_times": times,
+        "openvino_parity_rel": float(parity["rel"]),
     }
 
 
@@ -353,7 +401,8 @@ def add_ratios(rows):
             if ok and base["input"] != row["input"]:
                 logger.warning("%s: baseline has another input size", row["model"])
                 ok = False
-            row[f"ratio_{key}"] = row[key] / base[key] if ok and base[key] else None
+            ok = ok and row.get(key) is not None and bool(base.get(key))
+            row[f"ratio_{key}"] = row[key] / base[key] if ok else None
     return rows
 
 
@@ -370,15 +419,23 @@ def _cpu_model():
 
 def machine_info():
     """Returns:
-    dict: ``nproc``, ``cpu``, ``torch``, ``onnxruntime``, ``python``, ``torch_threads``."""
+    dict: ``nproc``, ``cpu``, ``torch``, ``onnxruntime``, ``openvino`` (None when not
+    installed), ``python``, ``torch_threads``."""
     import onnxruntime
     import torch
 
+    try:
+        import openvino
+
+        openvino_version = str(openvino.__version__)
+    except ImportError:
+        openvino_version = None
     return {
         "nproc": os.cpu_count(),
         "cpu": _cpu_model(),
         "torch": torch.__version__,
         "onnxruntime": onnxruntime.__version__,
+        "openvino": openvino_version,
         "python": platform.python_version(),
         "torch_threads": torch.get_num_threads(),
     }
@@ -409,16 +466,24 @@ def format_markdown(report):
     """
     batch = report["batch"]
     m = report["machine"]
+    # the OpenVINO column only when some row measured it (openvino is an optional extra)
+    with_ov = any(r.get("openvino_img_s") is not None for r in report["rows"])
+    ov_head, ov_rule = (" OpenVINO img/s |", "---|") if with_ov else ("", "")
     lines = [
         f"| model | input | params (M) | MACs (G) | ratio MACs | train step s (batch {batch}) "
-        "| ratio | eager img/s | ONNX img/s | peak RSS MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| ratio | eager img/s | ONNX img/s |{ov_head} peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|" + ov_rule + "---|",
     ]
     for r in report["rows"]:
         if "error" in r:
-            lines.append(f"| {r['model']} | failed: {r['error']} |" + " |" * 8)
+            lines.append(f"| {r['model']} | failed: {r['error']} |" + " |" * (9 if with_ov else 8))
             continue
         h, w = r["input"]
+        ov_cell = (
+            f"| {_fmt(r.get('openvino_img_s'), '.1f', r.get('ratio_openvino_img_s'))} "
+            if with_ov
+            else ""
+        )
         lines.append(
             f"| {r['model']} | {h}x{w} "
             f"| {_fmt(r['params'] / 1e6, '.2f', r['ratio_params'])} "
@@ -426,7 +491,8 @@ def format_markdown(report):
             f"| {r['train_step_s']:.2f} | {_ratio(r['ratio_train_step_s'])} "
             f"| {_fmt(r['eager_img_s'], '.1f', r['ratio_eager_img_s'])} "
             f"| {_fmt(r['onnx_img_s'], '.1f', r['ratio_onnx_img_s'])} "
-            f"| {_fmt(r['peak_rss_mib'], '.0f', r['ratio_peak_rss_mib'])} |"
+            + ov_cell
+            + f"| {_fmt(r['peak_rss_mib'], '.0f', r['ratio_peak_rss_mib'])} |"
         )
     lines.append("")
     lines.append(
@@ -443,7 +509,9 @@ def format_markdown(report):
         f"- command: `{report['command']}`",
         f"- date: {report['date']}",
         f"- machine: nproc {m['nproc']}, CPU {m['cpu']}, torch {m['torch']} "
-        f"({m['torch_threads']} threads), onnxruntime {m['onnxruntime']}, Python {m['python']}",
+        f"({m['torch_threads']} threads), onnxruntime {m['onnxruntime']}, "
+        + (f"OpenVINO {m['openvino']}, " if m.get("openvino") else "")
+        + f"Python {m['python']}",
         f"- load average (1, 5, 15 min) before: {report['load_before']}, "
         f"after: {report['load_after']}",
         "- load average (1 min) at each model's start -> end: "

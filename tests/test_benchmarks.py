@@ -113,3 +113,34 @@ def test_registry_baselines_and_resolution():
         run.resolve_models(["no-such-model"])
     with pytest.raises(ValueError, match="multiple"):
         run.pk_labels(6, 4)
+
+
+def test_openvino_column_only_when_measured(tiny_row):
+    import importlib.util
+
+    row, _ = tiny_row
+    if importlib.util.find_spec("openvino") is None:
+        assert row["openvino_img_s"] is None and row["openvino_parity_rel"] is None
+    else:  # the [openvino] extra: the IR was exported, checked and timed
+        assert row["openvino_img_s"] > 0 and len(row["openvino_batch_times"]) == 1
+        assert 0 <= row["openvino_parity_rel"] <= 1e-4
+
+    def report(rows):
+        return {
+            "command": "c", "date": "d", "machine": dict(run.machine_info(), openvino=None),
+            "load_before": [0, 0, 0], "load_after": [0, 0, 0], "wall_s": 1.0, "batch": 8,
+            "steps": 1, "warmup": 0, "rows": rows,
+        }  # fmt: skip
+
+    absent = dict(row, model=run.BASE_256, openvino_img_s=None)
+    text = run.format_markdown(report(run.add_ratios([absent])))
+    assert "OpenVINO" not in text.splitlines()[0]
+    assert absent["ratio_openvino_img_s"] is None
+    base = dict(row, model=run.BASE_256, openvino_img_s=10.0)
+    other = dict(row, model="ianet-256x128", openvino_img_s=5.0)
+    text = run.format_markdown(report(run.add_ratios([base, other])))
+    header, rule = text.splitlines()[:2]
+    assert "| ONNX img/s | OpenVINO img/s | peak RSS MiB |" in header
+    assert header.count("|") == rule.count("|")
+    assert other["ratio_openvino_img_s"] == pytest.approx(0.5)
+    assert "| 5.0 (0.50x) |" in text
