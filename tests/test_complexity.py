@@ -56,7 +56,8 @@ def test_resnet50_reference_numbers(resnet50):
     result = complexity.count_complexity(resnet50, (256, 128))
     assert result["params"] == 23_508_032
     assert result["macs"] == pytest.approx(4.053e9, rel=0.01)
-    # the convolutions alone are the spec's 4.053 GMACs; BatchNorm adds about 0.4%
+    # the convolutions alone are 4.053 GMACs (docs/decisions/common.md#resnet-cost); BatchNorm
+    # adds about 0.4%
     assert result["by_operator"]["conv"] == pytest.approx(4.053e9, rel=1e-3)
 
 

@@ -115,7 +115,8 @@ def test_semantic_relation_follows_eq2_and_eq5():
     s_a = torch.softmax(s1 * s2, -1)
     s = torch.softmax(s_a * location_relation(3, 4, 1.0, 2.0), -1)
     assert torch.allclose(m.relation_map(x), s, atol=1e-6)
-    # the literal softmax of products is close to uniform (spec §5.7); renorm is not
+    # the literal softmax of products is close to uniform, renorm is not
+    # (docs/decisions/ianet.md#fusion-norm)
     assert (s.amax(-1) - s.amin(-1)).max() < 0.05
     r = SIA(8, contexts=(1, 2), norm="renorm", sigma=(1.0, 2.0)).relation_map(x)
     assert torch.allclose(r.sum(-1), torch.ones(1, 12), atol=1e-6)
@@ -354,7 +355,7 @@ def test_paper_numbers_through_complexity():
     assert 0.75 * 0.03e9 <= sia["macs"] - base["macs"] <= 1.25 * 0.03e9
     # the full IANet adds only four BatchNorm layers: 2*2*512 + 2*2*1024 parameters
     assert full["params"] - base["params"] == 6144
-    # spec §5.6: +0.84 G at 256x128 (relation and aggregation matmuls)
+    # docs/decisions/ianet.md#flops: +0.84 G at 256x128 (relation and aggregation matmuls)
     assert abs((full["macs"] - base["macs"]) - 0.838e9) < 0.02e9
 
 

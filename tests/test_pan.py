@@ -208,7 +208,7 @@ def test_full_model_shapes_and_heads_lr():
             assert lr_of[id(p)] == pytest.approx(want), n
 
 
-# Table 2 totals (M); the check is the increase over the PLM baseline (spec §4.9)
+# Table 2 totals (M); the check is the increase over the PLM baseline (docs/decisions/pan.md#table2)
 TABLE2 = {
     "t2_pan_c_d128.yml": 33.0, "t2_pan_c_d256.yml": 33.9, "t2_pan_c_d256_512_1024.yml": 37.0,
     "t2_pan_a_d128.yml": 32.5, "t2_pan_a_d256.yml": 33.5, "t2_pan_a_d256_512_1024.yml": 36.6,

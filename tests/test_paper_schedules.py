@@ -80,7 +80,8 @@ def _no_warmup_iters_per_epoch(cfg):
 
 
 def test_ianet_60_epochs_x01_at_20_and_40():
-    # paper §4.1: Adam 3e-4; epochs and drops from the authors' later code (spec §5.5)
+    # paper §4.1: Adam 3e-4; epochs and drops from the authors' later code
+    # (docs/decisions/ianet.md#schedule)
     cfg = _config("IANet", "IANet_R50_Market1501.yml")
     assert cfg.SOLVER.OPT == "Adam" and cfg.SOLVER.MAX_EPOCH == 60
     table, rate = _rates(cfg, _no_warmup_iters_per_epoch(cfg))

@@ -69,7 +69,7 @@ def test_fab_seb_tsam_shapes_and_eq14():
     assert torch.allclose(tsam(x), seb.mask(f1) * f1, atol=1e-6)  # F'' = M_SEB(F') * F'
     assert torch.allclose(fab(x), m_fab * x) and torch.allclose(seb(x), m_seb * x)
     assert TSAM(32, "fab").seb is None and TSAM(32, "seb").fab is None
-    # +6% of ResNet-50 (spec §3.1): 2 (C^2/8 + C/16 + C) per stage output
+    # +6% of ResNet-50 (docs/decisions/pfe.md#tsam-placement): 2 (C^2/8 + C/16 + C) per stage output
     per = {c: sum(p.numel() for p in TSAM(c).parameters()) for c in (256, 512, 1024, 2048)}
     assert per == {c: 2 * (c * c // 8 + c // 16 + c) for c in per}
     assert sum(per.values()) == 1_400_800
@@ -254,13 +254,14 @@ def test_eval_feature_and_switches():
 
 
 def test_paper_sizes_through_reidzoo_complexity():
-    # spec §1.3 / §7 row 6: ResNet-50 (last stride 1) at 384x192 = 9.12 G MACs (paper 9.1 G)
+    # ResNet-50 (last stride 1) at 384x192 = 9.12 G MACs (paper 9.1 G;
+    # docs/decisions/common.md#resnet-cost)
     cfg = _cfg(MARKET1, "MODEL.HEADS.NUM_CLASSES", "0", "MODEL.BACKBONE.INSERTS", "[]")
     base = build_model(cfg)
     res = complexity.count_complexity(base.backbone, (384, 192))
     assert abs(res["macs"] - 9.1e9) <= 0.02 * 9.1e9, res["macs"]
     trunk = complexity.count_params(base.backbone)
-    # TSAM after the four stages: +1.40 M (6% of ResNet-50; spec §3.1)
+    # TSAM after the four stages: +1.40 M (6% of ResNet-50; docs/decisions/pfe.md#tsam-placement)
     tsam = build_model(_cfg(MARKET1, "MODEL.HEADS.NUM_CLASSES", "0"))
     added = complexity.count_params(tsam.backbone) - trunk
     assert abs(added - 1.40e6) <= 0.05 * 1.40e6 and abs(added / trunk - 0.06) < 0.005
@@ -270,7 +271,7 @@ def test_paper_sizes_through_reidzoo_complexity():
     res = complexity.count_complexity(build_model(cfg), (384, 192))
     assert abs(res["params"] - 25.5e6) <= 0.03 * 25.5e6, res["params"]
     assert abs(res["macs"] - 9.9e9) <= 0.03 * 9.9e9, res["macs"]
-    # the spec decision C = 128 (separable): 25.65 M (spec §3.5)
+    # our default C = 128 (separable): 25.65 M (docs/decisions/pfe.md#side-width)
     cfg.MODEL.PFE.SIDE_CHANNELS = 128
     p128 = complexity.count_params(build_model(cfg))
     assert abs(p128 - 25.65e6) <= 0.01 * 25.65e6, p128

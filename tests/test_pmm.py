@@ -67,7 +67,7 @@ def _stages(model, images, targets, seed=1):
     return x, xp, model.training_stages(x, xp, targets)
 
 
-# ------------------------------------------------------------------ Grad-CAM (spec §6.3)
+# ------------------------------------ Grad-CAM (docs/decisions/pmm.md#grad-cam)
 
 
 def _reference_cam(score, fmap):
@@ -118,7 +118,7 @@ def test_gradcam_function_against_reference_on_a_small_head():
         fmap.grad = None
 
 
-# ------------------------------------------------------------- Hard-Mix (§2.2, spec §6.2)
+# ------------------------------ Hard-Mix (§2.2, docs/decisions/pmm.md#negatives)
 
 
 def _slow_mask(cam, k, bh, bw):
@@ -147,7 +147,8 @@ def test_block_ranking_mask(k, block):
     assert (zeros == k * block[0] * block[1]).all()  # exactly K whole blocks per sample
     assert torch.equal(mask, _slow_mask(cam.detach(), k, *block))
     with pytest.raises(ValueError, match="does not tile"):
-        attentive_mask(torch.rand(2, 16, 8), 3, (3, 2))  # 256x128 needs 2x2 (spec §6.6)
+        # 256x128 needs 2x2 blocks (docs/decisions/pmm.md#blocks)
+        attentive_mask(torch.rand(2, 16, 8), 3, (3, 2))
 
 
 def test_negatives_have_a_different_identity_and_cover_all():
@@ -288,7 +289,8 @@ def test_paper_geometry_replaces_9_4_percent():
     assert PAPER_BLOCK_GRID == (8, 4)  # 24 / 3 rows x 8 / 2 columns of blocks
     blocks = {(24, 8): (3, 2), (16, 8): (2, 2), (8, 4): (1, 1), (48, 16): (6, 4)}
     for (h, w), block in blocks.items():
-        assert grid_block_size(h, w, PAPER_BLOCK_GRID, 3) == block  # 16x8: spec §6.6's 2x2
+        # 16x8: 2x2 (docs/decisions/pmm.md#blocks)
+        assert grid_block_size(h, w, PAPER_BLOCK_GRID, 3) == block
 
 
 @pytest.mark.parametrize(
@@ -543,7 +545,7 @@ def market_counts():
     return out
 
 
-def test_parameter_budget_matches_spec_6_7(market_counts):
+def test_parameter_budget_matches_the_hand_count(market_counts):
     model, res = market_counts["pmm"]
     assert isinstance(model, PMM)
     assert abs(res["params"] - 32.28e6) <= 0.02 * 32.28e6, res["params"]

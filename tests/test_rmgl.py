@@ -272,7 +272,8 @@ def _cfg(config, *opts):
 @pytest.fixture(scope="module")
 def market_model():
     cfg = _cfg(MARKET)
-    cfg.MODEL.HEADS.NUM_CLASSES = 0  # backbone + reductions, no classifiers (spec §7 row 3)
+    # backbone + reductions, no classifiers (docs/decisions/rmgl.md#numbers)
+    cfg.MODEL.HEADS.NUM_CLASSES = 0
     torch.manual_seed(0)
     return build_model(cfg).eval()
 
@@ -294,7 +295,7 @@ def test_complexity_matches_spec_row3(market_model):
     mgn = build_model(_cfg(MARKET, "MODEL.RMGL.SPLIT_AFTER", "layer3_0", "MODEL.HEADS.NUM_CLASSES",
                            "0"))  # fmt: skip
     backbone = sum(p.numel() for n, p in mgn.named_parameters() if not n.startswith("heads."))
-    assert abs(backbone - 44.06e6) <= 0.01e6 * 2  # spec §7 row 3 alternative split
+    assert abs(backbone - 44.06e6) <= 0.01e6 * 2  # docs/decisions/rmgl.md#numbers: MGN split
 
 
 def test_eval_feature_and_height_check():

@@ -16,13 +16,14 @@ def add_ianet_config(cfg):
         {
             # Context patch sizes K of the multi-context interaction (Eq. 1-2; N = len, §4.1
             # uses K = 1, 2, 3). One entry = single-context SIA (Tab. 4a). Even K is anchored
-            # top-left: offsets {0, 1} for K = 2 (spec §5.2 decision).
+            # top-left: offsets {0, 1} for K = 2 (docs/decisions/ianet.md#k2-anchor).
             "CONTEXTS": [1, 2, 3],
             # Fusion function F of Eq. 2 and Eq. 5: "prod" (paper default), "sum" or "max"
             # (Tab. 4b).
             "FUSION": "prod",
             # Normalisation after fusion: "softmax" = the paper's literal softmax of the fused
-            # probabilities (Eq. 2, 5; nearly uniform, spec §5.7), "renorm" = fused / row sum.
+            # probabilities (Eq. 2, 5; nearly uniform,
+            # docs/decisions/ianet.md#fusion-norm), "renorm" = fused / row sum.
             "FUSION_NORM": "softmax",
             # Divide appearance logits by sqrt(C) (authors' code IA.py L79; Eq. 1 has none).
             "SCALE": True,

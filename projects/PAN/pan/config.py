@@ -24,13 +24,13 @@ def add_pan_config(cfg):
             # pooling, 3, 6, 8).
             "NUM_STRIPES": 6,
             # Hidden width of PLM's spatial attention, the first of its "two stacked
-            # Conv2D-BN-ReLU blocks" (§4.1; spec §4.2 decision).
+            # Conv2D-BN-ReLU blocks" (§4.1; docs/decisions/pan.md#plm).
             "SA_DIM": 256,
             # Reduction ratio r of PLM's SE-style channel attention c^l, FC(C -> C/r) (§3.2
-            # "follows [34]"; 16 is SE-Net's ratio, spec §4.2).
+            # "follows [34]"; 16 is SE-Net's ratio, docs/decisions/pan.md#plm).
             "CA_REDUCTION": 16,
-            # Last activation of the channel attention c^l: "sigmoid" (SE-Net, spec §4.2
-            # decision) or "relu" (the literal §4.1 text).
+            # Last activation of the channel attention c^l: "sigmoid" (SE-Net,
+            # docs/decisions/pan.md#plm) or "relu" (the literal §4.1 text).
             "CA_ACT": "sigmoid",
             # Stages X^l connected to the part features P (§3.1, Fig. 1: blocks 1-3), by the
             # block CONNECTION names. Empty: the PLM baseline of Table 2 ("Baseline").
@@ -69,14 +69,17 @@ def add_pan_config(cfg):
             # without it).
             "BNNECK": True,
             # Feature fed to the triplet loss: "before" (pre-BN embeddings, BNNeck
-            # convention; spec §4.5) or "after" the BNNeck.
+            # convention; docs/decisions/pan.md#triplet-feat) or "after" the BNNeck.
             "TRIPLET_FEAT": "before",
-            # Test feature: "after" (the 6 post-BN embeddings, spec §4.6) or "before".
+            # Test feature: "after" (the 6 post-BN embeddings, docs/decisions/pan.md#test-feat)
+            # or "before".
             "TEST_FEAT": "after",
             # lambda_2, the weight of the orthogonal regularisation L_orth (Eq. 4-5; §4.1
-            # "10^-3", the minus sign lost in §4.2's text, spec §4.5). 0 disables it.
+            # "10^-3", the minus sign lost in §4.2's text, docs/decisions/pan.md#lambda2).
+            # 0 disables it.
             "ORTH_WEIGHT": 1e-3,
-            # Rows of M^l in Eq. 4: "raw" flattened masks s_j^l (literal, spec §4.5) or
+            # Rows of M^l in Eq. 4: "raw" flattened masks s_j^l (literal,
+            # docs/decisions/pan.md#orth-masks) or
             # "normalized" (each row divided by its L2 norm).
             "ORTH_MASKS": "raw",
             # Stages followed by a non-local block (Table 2 "NL" and "PAN_c + NL"; §4.2: after

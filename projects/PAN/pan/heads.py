@@ -1,19 +1,32 @@
 """PAN's head: part extraction (PLM or stripes), PAM fusion and the per-part embeddings,
-BNNecks and classifiers (§3, §4.1; spec §4.2-4.6). Everything new lives here, so a model
+BNNecks and classifiers (§3, §4.1; docs/decisions/pan.md). Everything new lives here, so a model
 that stores it as ``self.heads`` trains it at ``SOLVER.HEADS_LR_FACTOR`` (§4.1: 10x)."""
 
 from fractions import Fraction
 
 import torch
+from fastreid.config import configurable
 from fastreid.layers import get_norm
 from torch import nn
 
+from reidzoo.modeling.arguments import (
+    ArgumentError,
+    arguments_of,
+    check_choice,
+    config_keys,
+    read_keys,
+)
 from reidzoo.modeling.backbone import STAGES
 from reidzoo.registry import HEADS_REGISTRY
 
 from .modules import PAM, PLM, ConvConnection, NonLocal, StripeParts, grid_resampler
 
 CONNECTIONS = ("pam", "conv", "identity")
+PARTS = ("plm", "stripes")
+FUSIONS = ("concat", "add")
+FEATS = ("before", "after")
+CA_ACTS = ("sigmoid", "relu")
+ORTH_MASKS = ("raw", "normalized")
 
 
 def stage_widths(feat_dim):
@@ -46,62 +59,127 @@ class PANHead(nn.Module):
     ``MODEL.PAN.PAM_STAGES: []``; Baseline's CE then sees the first part's logits only
     (``cls_outputs``) and its triplet the concatenated embeddings (``features``).
 
+    Built from a config (``PANHead(cfg)``, as fast-reid's ``build_heads`` calls it; see
+    :meth:`from_config`) or from the keyword arguments below, e.g. inside a model of your own:
+    ``PANHead(feat_dim=2048, num_classes=751)`` is the paper's PAN_c head for ResNet-50.
+
     Args:
-        cfg (CfgNode): uses ``MODEL.PAN``, ``MODEL.BACKBONE.FEAT_DIM``/``NORM``,
-            ``MODEL.HEADS.NUM_CLASSES``/``NORM``.
+        feat_dim (int): channels C of X^4, the layer4 map (2048 for ResNet-50, 512 for
+            ResNet-18); the earlier stages are C / 2^(4-l) wide (:func:`stage_widths`).
+        num_classes (int): identities, the width of each part classifier.
+        parts (str): part extractor: "plm" (learned parts, §3.2) or "stripes" (Table 1).
+        scales (Sequence[int]): PLM granularities l; scale l learns l parts ((1, 2, 3): 6).
+        num_stripes (int): number of horizontal stripes when ``parts`` is "stripes".
+        sa_dim (int): hidden width of PLM's spatial attention.
+        ca_reduction (int): reduction r of PLM's channel attention.
+        ca_act (str): last activation of the channel attention: "sigmoid" or "relu".
+        connected_stages (Sequence[str]): stages X^l joined to the parts ("layer1".."layer4";
+            empty: the PLM baseline of Table 2); ``forward`` then needs their outputs.
+        connection (str): how Z^l is made from X^l: "pam" (Eq. 1-3), "conv" or "identity".
+        pam_dims (Sequence[int]): PAM's inner dimension D, one per connected stage ("pam").
+        pam_norm (str): fast-reid norm type on each PAM output Z^l ("" for none).
+        conv_last_stride (int): stride, 1 or 2, of the last block of each "conv" cascade.
+        last_stride (int): the backbone's layer4 stride, 1 or 2 (brings X^l to X^4's grid).
+        fusion (str): "concat" (PAN_c) or "add" (PAN_a) of P_i and the Z^l_i.
+        embed_dim (int): width of each part's embedding.
+        bnneck (bool): a BNNeck (frozen bias) after each embedding.
+        norm (str): fast-reid norm type of PLM, the conv cascades and the BNNecks.
+        cls_init_std (float): std of the part classifiers' normal initialisation.
+        triplet_feat (str): the triplet loss's feature, "before" or "after" the BNNecks.
+        test_feat (str): the test feature, "before" or "after" the BNNecks.
+        nl_stages (Sequence[str]): stages followed by a non-local block (Table 2 "NL").
+        nl_reduction (int): non-local inter-channels C / ``nl_reduction``.
+        nl_subsample (bool): 2x2 max-pooling of phi and g in the non-local blocks.
+        nl_norm (str): norm type of the non-local blocks (the backbone's).
+    Raises:
+        reidzoo.modeling.arguments.ArgumentError: a wrong value, naming the argument(s)
+            (built from a config: a ``ValueError`` naming the config keys).
     """
 
-    def __init__(self, cfg):
+    #: argument -> config key, read by :meth:`from_config` (and named in its errors)
+    CONFIG_KEYS = {
+        "feat_dim": "MODEL.BACKBONE.FEAT_DIM",
+        "num_classes": "MODEL.HEADS.NUM_CLASSES",
+        "parts": "MODEL.PAN.PARTS",
+        "scales": "MODEL.PAN.SCALES",
+        "num_stripes": "MODEL.PAN.NUM_STRIPES",
+        "sa_dim": "MODEL.PAN.SA_DIM",
+        "ca_reduction": "MODEL.PAN.CA_REDUCTION",
+        "ca_act": "MODEL.PAN.CA_ACT",
+        "connected_stages": "MODEL.PAN.PAM_STAGES",
+        "connection": "MODEL.PAN.CONNECTION",
+        "pam_dims": "MODEL.PAN.PAM_DIMS",
+        "pam_norm": "MODEL.PAN.PAM_NORM",
+        "conv_last_stride": "MODEL.PAN.CONV_LAST_STRIDE",
+        "last_stride": "MODEL.BACKBONE.LAST_STRIDE",
+        "fusion": "MODEL.PAN.FUSION",
+        "embed_dim": "MODEL.PAN.EMBED_DIM",
+        "bnneck": "MODEL.PAN.BNNECK",
+        "norm": "MODEL.HEADS.NORM",
+        "cls_init_std": "MODEL.PAN.CLS_INIT_STD",
+        "triplet_feat": "MODEL.PAN.TRIPLET_FEAT",
+        "test_feat": "MODEL.PAN.TEST_FEAT",
+        "nl_stages": "MODEL.PAN.NL_STAGES",
+        "nl_reduction": "MODEL.PAN.NL_REDUCTION",
+        "nl_subsample": "MODEL.PAN.NL_SUBSAMPLE",
+        "nl_norm": "MODEL.BACKBONE.NORM",
+    }
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        feat_dim,
+        num_classes,
+        parts="plm",
+        scales=(1, 2, 3),
+        num_stripes=6,
+        sa_dim=256,
+        ca_reduction=16,
+        ca_act="sigmoid",
+        connected_stages=("layer1", "layer2", "layer3"),
+        connection="pam",
+        pam_dims=(256, 256, 256),
+        pam_norm="BN",
+        conv_last_stride=2,
+        last_stride=1,
+        fusion="concat",
+        embed_dim=256,
+        bnneck=True,
+        norm="BN",
+        cls_init_std=0.001,
+        triplet_feat="before",
+        test_feat="after",
+        nl_stages=(),
+        nl_reduction=2,
+        nl_subsample=True,
+        nl_norm="BN",
+    ):
+        self.check_arguments(arguments_of(locals()))
         super().__init__()
-        pc = cfg.MODEL.PAN
-        feat_dim = cfg.MODEL.BACKBONE.FEAT_DIM
+        feat_dim = int(feat_dim)
         channels = stage_widths(feat_dim)
-        if pc.PARTS == "plm":
-            self.parts = PLM(
-                feat_dim, pc.SCALES, pc.SA_DIM, pc.CA_REDUCTION, pc.CA_ACT, cfg.MODEL.HEADS.NORM
-            )
-        elif pc.PARTS == "stripes":
-            self.parts = StripeParts(pc.NUM_STRIPES)
+        if parts == "plm":
+            self.parts = PLM(feat_dim, scales, int(sa_dim), int(ca_reduction), ca_act, norm)
         else:
-            raise ValueError(f"MODEL.PAN.PARTS={pc.PARTS!r}; expected 'plm' or 'stripes'")
-        if pc.FUSION not in ("concat", "add"):
-            raise ValueError(f"MODEL.PAN.FUSION={pc.FUSION!r}; expected 'concat' or 'add'")
-        if pc.CONNECTION not in CONNECTIONS:
-            raise ValueError(
-                f"MODEL.PAN.CONNECTION={pc.CONNECTION!r}; expected one of {CONNECTIONS}"
-            )
-        for key, value, allowed in (
-            ("TRIPLET_FEAT", pc.TRIPLET_FEAT, ("before", "after")),
-            ("TEST_FEAT", pc.TEST_FEAT, ("before", "after")),
-            ("ORTH_MASKS", pc.ORTH_MASKS, ("raw", "normalized")),
-        ):
-            if value not in allowed:
-                raise ValueError(f"MODEL.PAN.{key}={value!r}; expected one of {allowed}")
-        stages = list(pc.PAM_STAGES)
-        connection = pc.CONNECTION
-        if connection == "pam" and len(pc.PAM_DIMS) != len(stages) and stages:
-            raise ValueError(
-                f"MODEL.PAN.PAM_DIMS={list(pc.PAM_DIMS)} needs one D per PAM stage {stages}"
-            )
-        for s in stages + list(pc.NL_STAGES):
-            if s not in STAGES:
-                raise ValueError(f"MODEL.PAN stage {s!r}; expected one of {STAGES}")
-        self.fusion = pc.FUSION
+            self.parts = StripeParts(int(num_stripes))
+        stages = tuple(connected_stages)
+        self.fusion = fusion
         self.connection = connection
         # every stage whose output the head needs; pam_stages: the subset attended to by PAM
-        self.connected_stages = tuple(stages)
-        self.pam_stages = self.connected_stages if connection == "pam" else ()
+        self.connected_stages = stages
+        self.pam_stages = stages if connection == "pam" else ()
         self.pam = nn.ModuleDict(
             {
-                s: PAM(channels[s], feat_dim, int(d), channels[s] if self.fusion == "concat"
-                       else feat_dim, norm=pc.PAM_NORM)
-                for s, d in zip(self.pam_stages, pc.PAM_DIMS)
+                s: PAM(channels[s], feat_dim, int(d), channels[s] if fusion == "concat"
+                       else feat_dim, norm=pam_norm)
+                for s, d in zip(self.pam_stages, pam_dims)
             }
         )  # fmt: skip
         self.conv = nn.ModuleDict()
         # conv / identity: each connected map is brought to X^4's grid by a fixed resampling;
         # X^l's stride relative to X^4 is the product of the later stages' strides (2, 2, last)
-        last_stride = int(cfg.MODEL.BACKBONE.LAST_STRIDE)
+        last_stride = int(last_stride)
         to_x4 = {"layer1": 4 * last_stride, "layer2": 2 * last_stride, "layer3": last_stride,
                  "layer4": 1}  # fmt: skip
         self.resample = nn.ModuleDict()
@@ -109,53 +187,35 @@ class PANHead(nn.Module):
         for s in stages if connection != "pam" else ():
             ratio = Fraction(1, to_x4[s])
             if connection == "conv":
-                blocks = last - STAGES.index(s)
-                if blocks < 1:
-                    raise ValueError(
-                        f"MODEL.PAN.PAM_STAGES contains {s!r}: with CONNECTION 'conv' only "
-                        f"stages before layer4 can be connected (one conv block per later stage)"
-                    )
-                conv_stride = int(pc.CONV_LAST_STRIDE)
+                blocks = last - STAGES.index(s)  # >= 1: checked
                 self.conv[s] = ConvConnection(
-                    channels[s], blocks, widen=self.fusion == "add", stride=2,
-                    last_stride=conv_stride, norm=cfg.MODEL.HEADS.NORM,
+                    channels[s], blocks, widen=fusion == "add", stride=2,
+                    last_stride=int(conv_last_stride), norm=norm,
                 )  # fmt: skip
-                ratio *= 2 ** (blocks - 1) * conv_stride
+                ratio *= 2 ** (blocks - 1) * int(conv_last_stride)
             self.resample[s] = grid_resampler(ratio)
-        if connection == "identity" and self.fusion == "add":
-            wrong = [s for s in stages if channels[s] != feat_dim]
-            if wrong:
-                raise ValueError(
-                    f"MODEL.PAN.CONNECTION 'identity' with FUSION 'add' needs stages as wide as "
-                    f"the parts ({feat_dim}); {wrong} are not: use FUSION 'concat'"
-                )
         self.nl = nn.ModuleDict(
-            {
-                s: NonLocal(channels[s], pc.NL_REDUCTION, pc.NL_SUBSAMPLE, cfg.MODEL.BACKBONE.NORM)
-                for s in pc.NL_STAGES
-            }
+            {s: NonLocal(channels[s], nl_reduction, nl_subsample, nl_norm) for s in nl_stages}
         )
         in_dim = feat_dim
-        if self.fusion == "concat":
+        if fusion == "concat":
             in_dim += sum(channels[s] for s in stages)
         self.num_parts = self.parts.num_parts
         self.in_dim = in_dim
-        embed = pc.EMBED_DIM
+        embed = int(embed_dim)
         self.embed_dim = embed
         self.embeddings = nn.ModuleList(
             nn.Conv2d(in_dim, embed, 1, bias=False) for _ in range(self.num_parts)
         )
         self.bnnecks = nn.ModuleList(
-            (get_norm(cfg.MODEL.HEADS.NORM, embed, bias_freeze=True) if pc.BNNECK
-             else nn.Identity())
+            get_norm(norm, embed, bias_freeze=True) if bnneck else nn.Identity()
             for _ in range(self.num_parts)
-        )  # fmt: skip
-        num_classes = cfg.MODEL.HEADS.NUM_CLASSES
-        self.classifiers = nn.ModuleList(
-            nn.Linear(embed, num_classes, bias=False) for _ in range(self.num_parts)
         )
-        self.triplet_feat = pc.TRIPLET_FEAT
-        self.test_feat = pc.TEST_FEAT
+        self.classifiers = nn.ModuleList(
+            nn.Linear(embed, int(num_classes), bias=False) for _ in range(self.num_parts)
+        )
+        self.triplet_feat = triplet_feat
+        self.test_feat = test_feat
         for m in self.embeddings:
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         for m in self.bnnecks:
@@ -163,7 +223,92 @@ class PANHead(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
         for m in self.classifiers:
-            nn.init.normal_(m.weight, std=float(pc.CLS_INIT_STD))
+            nn.init.normal_(m.weight, std=float(cls_init_std))
+
+    @classmethod
+    def from_config(cls, cfg):
+        """Constructor arguments from a config: the keys of :attr:`CONFIG_KEYS`, checked.
+
+        Args:
+            cfg (CfgNode): uses ``MODEL.PAN``, ``MODEL.BACKBONE.FEAT_DIM``/``LAST_STRIDE``/
+                ``NORM``, ``MODEL.HEADS.NUM_CLASSES``/``NORM``.
+        Returns:
+            dict: keyword arguments of ``__init__``.
+        Raises:
+            ValueError: a wrong value, naming its key(s); ``MODEL.PAN.ORTH_MASKS`` (read by
+                the ``PAN`` model's loss) is checked here too.
+        """
+        args = read_keys(cfg, cls.CONFIG_KEYS)
+        with config_keys({**cls.CONFIG_KEYS, "orth_masks": "MODEL.PAN.ORTH_MASKS"}):
+            check_choice("PANHead", "orth_masks", cfg.MODEL.PAN.ORTH_MASKS, ORTH_MASKS)
+            cls.check_arguments(args)
+        return args
+
+    @staticmethod
+    def check_arguments(args):
+        """Check the constructor's arguments together (both construction paths run it).
+
+        Args:
+            args (dict): every argument of ``__init__``, by name.
+        Raises:
+            reidzoo.modeling.arguments.ArgumentError: naming the argument(s) at fault.
+        """
+        own = "PANHead"
+        for name, allowed in (
+            ("parts", PARTS),
+            ("ca_act", CA_ACTS),
+            ("connection", CONNECTIONS),
+            ("fusion", FUSIONS),
+            ("triplet_feat", FEATS),
+            ("test_feat", FEATS),
+            ("conv_last_stride", (1, 2)),
+            ("last_stride", (1, 2)),
+        ):
+            check_choice(own, name, args[name], allowed)
+        feat_dim = args["feat_dim"]
+        if not isinstance(feat_dim, int) or feat_dim < 8 or feat_dim % 8:
+            raise ArgumentError(
+                own, {"feat_dim": feat_dim}, "expected a positive multiple of 8 (layer4's width)"
+            )
+        for name, low in (("num_classes", 0), ("embed_dim", 1), ("num_stripes", 1),
+                          ("sa_dim", 1), ("ca_reduction", 1), ("nl_reduction", 1)):  # fmt: skip
+            if not isinstance(args[name], int) or args[name] < low:
+                raise ArgumentError(own, {name: args[name]}, f"expected an integer >= {low}")
+        scales = args["scales"]
+        if not scales or any(not isinstance(s, int) or s < 1 for s in scales):
+            raise ArgumentError(own, {"scales": scales}, "expected positive integers")
+        stages = list(args["connected_stages"])
+        for name in ("connected_stages", "nl_stages"):
+            value = args[name]
+            if any(s not in STAGES for s in value) or len(set(value)) != len(value):
+                raise ArgumentError(own, {name: value}, f"expected distinct stages of {STAGES}")
+        connection, fusion = args["connection"], args["fusion"]
+        if connection == "pam" and stages and len(args["pam_dims"]) != len(stages):
+            raise ArgumentError(
+                own,
+                {"pam_dims": args["pam_dims"], "connected_stages": args["connected_stages"]},
+                "{pam_dims} needs one D per stage of {connected_stages}",
+            )
+        if connection == "conv" and "layer4" in stages:
+            raise ArgumentError(
+                own,
+                {"connected_stages": args["connected_stages"], "connection": connection},
+                "with {connection} 'conv' only stages before layer4 can be connected (one "
+                "conv block per later stage)",
+            )
+        widths = stage_widths(feat_dim)
+        wrong = [s for s in stages if widths[s] != feat_dim]
+        if connection == "identity" and fusion == "add" and wrong:
+            raise ArgumentError(
+                own,
+                {
+                    "connection": connection,
+                    "fusion": fusion,
+                    "connected_stages": args["connected_stages"],
+                },
+                f"{{connection}} 'identity' with {{fusion}} 'add' needs stages as wide as the "
+                f"parts ({feat_dim}); {wrong} are not: use {{fusion}} 'concat'",
+            )
 
     @property
     def out_dim(self):

@@ -57,7 +57,7 @@ class ChannelAttention(nn.Module):
 
 
 class PLM(nn.Module):
-    """Multi-granularity part feature learning module (§3.2, Fig. 3; spec §4.2).
+    """Multi-granularity part feature learning module (§3.2, Fig. 3; docs/decisions/pan.md#plm).
 
     Spatial attention: Conv1x1(C -> hidden)-BN-ReLU, Conv1x1(hidden -> K)-BN-ReLU, K = sum of
     the scales; the K output channels are the masks s_j^l, split by scale in order. Channel
@@ -182,10 +182,10 @@ class PAM(nn.Module):
 
     Every product has the K = 6 part rows on one side, so the cost is ``O(K C M)`` instead of
     the ``O((D + O) C M)`` of applying psi and f to X at every position, and neither psi(X) nor
-    f(X) ([D, M], [O, M], the largest tensors of the block) is ever built. This is not the
-    spec's suggested ``psi(X)^T f(X)`` ([D, O]) first, which still needs both projections:
-    with K << D the K x M compatibility map is the smaller intermediate (6 x 3,072 on layer1
-    at 384x128 against 256 x 256). Runs in float32 under autocast.
+    f(X) ([D, M], [O, M], the largest tensors of the block) is ever built. This is not
+    ``psi(X)^T f(X)`` ([D, O]) first (docs/decisions/pan.md#pam-order), which still needs
+    both projections: with K << D the K x M compatibility map is the smaller intermediate
+    (6 x 3,072 on layer1 at 384x128 against 256 x 256). Runs in float32 under autocast.
 
     ``norm`` (``MODEL.PAN.PAM_NORM``; not in the paper) adds a normalisation layer on Z, per
     output channel over the batch and the K parts: ``Z <- BN(Z)``. Z is trilinear in the block's

@@ -28,10 +28,11 @@ def add_pfe_config(cfg):
             # Reduction ratio r of SEB and of FAB's 1x1-conv bottleneck (Fig. 6, r = 16).
             "TSAM_REDUCTION": 16,
             # Initial bias of the last FAB/SEB layer before the sigmoid. 0 = plain init; about
-            # +3 starts the masks near 1 (spec §3.1 suggestion, not in the paper).
+            # +3 starts the masks near 1 (not in the paper; docs/decisions/pfe.md#tsam-init).
             "TSAM_INIT_BIAS": 0.0,
             # Channel width C of T_s = CONV1x1(X_s) in every side branch (§IV-B, not given
-            # in the paper; spec §3.1 decision 128, 96 reproduces Table V's 25.5 M / 9.9 G).
+            # in the paper: 128, 96 reproduces Table V's 25.5 M / 9.9 G;
+            # docs/decisions/pfe.md#side-width).
             "SIDE_CHANNELS": 128,
             # Dimension of the side features F_s (§V-B: "unify ... to 512").
             "SIDE_DIM": 512,
@@ -63,7 +64,7 @@ def add_pfe_config(cfg):
             # (unprefixed metrics). False ranks the test feature only.
             "EVAL_GROUPS": True,
             # Test feature [F_2, F_3, F_4, F_5] (Eq. 5) taken "after" the BN before each
-            # classifier (spec §3.1 decision) or "before" it.
+            # classifier (docs/decisions/pfe.md#test-feature) or "before" it.
             "TEST_FEAT": "after",
         },
     )

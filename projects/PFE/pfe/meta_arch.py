@@ -1,4 +1,4 @@
-"""The PFE meta-architecture (§IV-A, Fig. 3; spec §3).
+"""The PFE meta-architecture (§IV-A, Fig. 3; docs/decisions/pfe.md#architecture).
 
 Main branch: a staged ResNet (last stride 1) with TSAM after the stage outputs (inserted by
 ``MODEL.BACKBONE.INSERTS: ["layerK:PFETSAM"]``), F_5 = GAP(X_5) -> BN -> FC, trained with

@@ -144,7 +144,7 @@ def PFETSAM(cfg, stage, channels):
 
 def activation_map(t, eps=1e-6):
     """A_s: sum of absolute values over channels, min-max normalised per sample to [0, 1]
-    (§IV-B; the normalisation is spec §3.1's decision).
+    (§IV-B; the normalisation: docs/decisions/pfe.md#activation-normalisation).
 
     Args:
         t (Tensor): T_s [N, C, H, W].

@@ -16,10 +16,12 @@ def add_pmm_config(cfg):
         {
             # Head layout: "pmm" = the three sequential stages I/II/III of §2.1 (Fig. 2);
             # "bdb" = BDB's two branches (global 512 + one 1024-d part branch) in the same
-            # code, the layout PMM matches in parameters (§2.1 "same amount", spec §6.7).
+            # code, the layout PMM matches in parameters (§2.1 "same amount",
+            # docs/decisions/pmm.md#budget).
             "LAYOUT": "pmm",
             # Stride of layer3 (§2.1 text: "stride to 1 in the 3rd and 4th blocks" = 1; the
-            # official code keeps 2, spec §6.1 decision). layer4's is MODEL.BACKBONE.LAST_STRIDE.
+            # official code keeps 2, docs/decisions/pmm.md#layer3-stride). layer4's is
+            # MODEL.BACKBONE.LAST_STRIDE.
             "LAYER3_STRIDE": 2,
             # Feature augmentation feeding stages II and III (§2.2, §2.3, Tab. 3): "hard_mix"
             # (A-Hard-Mix, Eq. 2), "cutout" (CutOut [22]: zero the chosen blocks), "cutmix"
@@ -36,8 +38,9 @@ def add_pmm_config(cfg):
             # blocks on the 24 x 8 map of its 384 x 128 input (§3.1; the official code's
             # CutMixBatchDrop hard-codes that 8 x 4 grid), so its K blocks are K / 32 of the
             # map: 9.375 % for K = 3. The block size is derived from the map, (H / 8, W / 4),
-            # so the fraction stays K / 32 at every input size (2 x 2 at 256 x 128 as spec
-            # §6.6, 1 x 1 at 128 x 64); a map the grid does not divide is refused.
+            # so the fraction stays K / 32 at every input size (2 x 2 at 256 x 128,
+            # 1 x 1 at 128 x 64; docs/decisions/pmm.md#blocks); a map the grid does not
+            # divide is refused.
             "BLOCK_GRID": [8, 4],
             # Optional cross-check of the derived block size [b_h, b_w]: [] (default) derives
             # it; a value must equal the derived size at INPUT.SIZE_TRAIN, else an error (e.g.
@@ -60,7 +63,8 @@ def add_pmm_config(cfg):
             # Embedding size of BDB's part branch when LAYOUT is "bdb" (BDB: 1024).
             "BDB_PART_DIM": 1024,
             # BDB [1] batch-drop rectangle as fractions of the map's height and width, used when
-            # MIX is "bdb" (PMM §2.3, Table 1; the PMM paper and spec §6 give no values). From
+            # MIX is "bdb" (PMM §2.3, Table 1; the PMM paper gives no values,
+            # docs/decisions/pmm.md#bdb-ratios). From
             # BDB's official code (daizuozhuo/batch-dropblock-network, main_reid.py at e7653d1:
             # BFE(num_pids, width_ratio=1.0, height_ratio=0.33) for datatype "person", i.e. the
             # same for Market-1501, DukeMTMC-reID and CUHK03; 0.5 / 0.5 only for non-person
@@ -77,8 +81,8 @@ def add_pmm_config(cfg):
         cfg,
         "INPUT.PMM_CUTOUT",
         {
-            # Probability of image-level Cutout (official code utils/transforms.py: 0.5; spec
-            # §6.5).
+            # Probability of image-level Cutout (official code utils/transforms.py: 0.5;
+            # docs/decisions/pmm.md#cutout).
             "PROB": 0.5,
             # Side of the square hole in pixels (code: 64).
             "SIZE": 64,

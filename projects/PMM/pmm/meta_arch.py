@@ -1,4 +1,5 @@
-"""The PMM meta-architecture (§2.1, Fig. 2; spec §6.1), and BDB's layout in the same code.
+"""The PMM meta-architecture (§2.1, Fig. 2; docs/decisions/pmm.md#architecture), and BDB's
+layout in the same code.
 
 ResNet trunk (layer4 stride 1; layer3 stride 1 as a switch) -> map x [N, C, H, W]. Stage I:
 GAP(x) -> 1x1 conv + BN + ReLU (512) -> classifier. A fresh bottleneck ``part`` (shared by
@@ -263,7 +264,7 @@ class PMM(ReidMetaArch):
 
     def _head(self, k, pooled):
         """Reduction and classifier of stage k in fp32 (so the Grad-CAM gradient cannot
-        underflow under AMP, spec §6.3)."""
+        underflow under AMP, docs/decisions/pmm.md#grad-cam)."""
         with torch.autocast(pooled.device.type, enabled=False):
             feat = self.heads.reductions[k](pooled.float())
             if len(self.heads.classifiers) != self.num_stages:
@@ -306,7 +307,7 @@ class PMM(ReidMetaArch):
         """Per stage: label-smoothed CE (mixed as lam CE(y) + (1 - lam) CE(y[index]) for the
         CutMix variants: every stage after an image-level mix, stages II / III after a
         feature-level one) and batch-hard soft-margin triplet (TRI.MARGIN 0) on the reduced
-        feature with the anchors' labels, unit weights (spec §6.4).
+        feature with the anchors' labels, unit weights (docs/decisions/pmm.md#losses).
 
         Args:
             stages (list[dict]): from :meth:`training_stages`.

@@ -1,5 +1,6 @@
-"""PMM's training-time pieces: cheap exact Grad-CAM (spec §6.3), block ranking (§2.2 Eq. 1),
-attentive Hard-Mix (Eq. 2) and the alternatives of Tab. 3 / BDB, all on feature maps.
+"""PMM's training-time pieces: cheap exact Grad-CAM (docs/decisions/pmm.md#grad-cam), block
+ranking (§2.2 Eq. 1), attentive Hard-Mix (Eq. 2) and the alternatives of Tab. 3 / BDB, all on
+feature maps.
 
 Block geometry: the paper ranks 3 x 2 blocks on the 24 x 8 map of a 384 x 128 input (§3.1;
 official code ``CutMixBatchDrop``, which hard-codes that grid of 8 x 4 = 32 blocks), so its
@@ -23,8 +24,9 @@ def grad_cam(logits, targets, pooled, fmap, retain_graph=True):
 
     With ``pooled = GAP(fmap)`` or ``GMP(fmap)``, the Grad-CAM weight of channel c (the spatial
     mean of d score / d fmap[c]) is ``(d score / d pooled_c) / (H W)`` in both cases, so one
-    ``autograd.grad`` w.r.t. ``pooled`` gives the exact CAM (spec §6.3). No parameter ``.grad``
-    is written and no DDP reduction hook fires (only ``pooled`` is an input of the backward).
+    ``autograd.grad`` w.r.t. ``pooled`` gives the exact CAM (docs/decisions/pmm.md#grad-cam).
+    No parameter ``.grad`` is written and no DDP reduction hook fires (only ``pooled`` is an
+    input of the backward).
 
     Args:
         logits (Tensor): [N, num_classes], computed from ``pooled``.
@@ -69,7 +71,7 @@ def grid_block_size(height, width, grid, topk=0):
 
     Keeping the number of blocks fixed keeps the replaced fraction, ``topk / (rows cols)``,
     the paper's at every map size (8 x 4 grid: K / 32, i.e. 3 x 2 blocks on 24 x 8, 2 x 2 on
-    the 16 x 8 map of 256 x 128 (spec §6.6), 1 x 1 on 8 x 4, 6 x 4 on 48 x 16).
+    the 16 x 8 map of 256 x 128 (docs/decisions/pmm.md#blocks), 1 x 1 on 8 x 4, 6 x 4 on 48 x 16).
 
     Args:
         height, width (int): map size H, W.
@@ -170,7 +172,8 @@ def random_mask(n, height, width, topk, block_size, device=None, dtype=torch.flo
 
 
 def draw_negatives(targets):
-    """For each anchor i, j drawn uniformly from {j : y_j != y_i} (label-based, spec §6.2).
+    """For each anchor i, j drawn uniformly from {j : y_j != y_i} (label-based,
+    docs/decisions/pmm.md#negatives).
 
     An anchor without any negative in the batch gets itself (its mix is then the identity).
 

@@ -1,5 +1,6 @@
-"""Image-level Cutout as the official PMM code applies it (``utils/transforms.py``; spec §6.5),
-a registered tensor transform usable by any model: ``INPUT.TRANSFORMS: ["PMMCutout"]``.
+"""Image-level Cutout as the official PMM code applies it (``utils/transforms.py``;
+docs/decisions/pmm.md#cutout), a registered tensor transform usable by any model:
+``INPUT.TRANSFORMS: ["PMMCutout"]``.
 
 It runs after fast-reid's ToTensor on the float 0-255 [3, H, W] image. The code's Cutout runs
 after Normalize and fills 0, i.e. the pixel mean; ``INPUT.PMM_CUTOUT.FILL_MEAN`` reproduces that.

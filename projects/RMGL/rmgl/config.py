@@ -19,7 +19,8 @@ def add_rmgl_config(cfg):
             # §IV-D "Impact of the Branch Number"; [2] or [3] = the single-branch rows of Tab. V.
             "GRANULARITIES": [2, 3],
             # Where the shared trunk splits into branches (§IV-A: after res_conv2c = "layer1");
-            # "layer3_0" = after res_conv4_1 as in fast-reid's MGN (spec §2.1 alternative).
+            # "layer3_0" = after res_conv4_1 as in fast-reid's MGN
+            # (docs/decisions/rmgl.md#split-point).
             "SPLIT_AFTER": "layer1",
             # Paths per branch (§III-B, Tab. V): "dual" = original + receptive-partitioned,
             # "rp" = RP path only, "original" = no RP (the baseline rows).
@@ -31,8 +32,8 @@ def add_rmgl_config(cfg):
             # "layer4" (= output partition, OP); "layer3_0" only with the MGN-style split.
             "RP_POSITION": "layer1",
             # Activation-balanced pooling of the original path's local stripes (§III-C,
-            # Eq. 8-10) at training / at test time (spec §2.3 decision: both). Both False =
-            # uniform stripes (the "no ABP" rows of Tab. V).
+            # Eq. 8-10) at training / at test time (docs/decisions/rmgl.md#abp-phases: both).
+            # Both False = uniform stripes (the "no ABP" rows of Tab. V).
             "ABP_TRAIN": True,
             "ABP_TEST": True,
             # Pooling inside ABP stripes: "max" (§III-A GMP, default) or "avg" (Eq. 11).
@@ -50,7 +51,8 @@ def add_rmgl_config(cfg):
             "REDUCTION_DIM": 256,
             # ReLU after each reduction BN (§III-A names none; MGN-lineage code adds one).
             "REDUCTION_RELU": False,
-            # Stride of each branch's layer4 copy (§IV-A: last stride 1; spec §1.2).
+            # Stride of each branch's layer4 copy (§IV-A: last stride 1;
+            # docs/decisions/rmgl.md#branch-stride).
             "BRANCH_LAST_STRIDE": 1,
         },
     )
@@ -59,7 +61,7 @@ def add_rmgl_config(cfg):
         "INPUT.RSA",
         {
             # Probability p of applying random shifting augmentation (§III-D; not given in
-            # the paper, spec §2.4 decision 0.5; 1.0 is the alternative).
+            # the paper; docs/decisions/rmgl.md#rsa: 0.5; 1.0 is the alternative).
             "PROB": 0.5,
             # Crop probability p_c (§IV-A, Fig. 7a: best 0.5).
             "CROP_PROB": 0.5,

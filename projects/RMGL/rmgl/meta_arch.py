@@ -1,4 +1,4 @@
-"""The RMGL meta-architecture (§III-A, Fig. 2; spec §2.1-2.3).
+"""The RMGL meta-architecture (§III-A, Fig. 2; decisions: docs/decisions/rmgl.md).
 
 A shared trunk (stem + layer1, i.e. up to res_conv2c) splits into one branch per granularity
 n_s (Local-2, Local-3), each a deep copy of layer2-4 with last stride 1. Each branch runs two

@@ -17,7 +17,8 @@ def check_partition(height, parts, stride):
     """Raise a clear error unless ``height`` can be cut into ``parts`` aligned stripes.
 
     Every stripe of the input must map onto a whole number of rows of the final map, i.e.
-    ``height`` must be divisible by ``parts * stride`` (spec §2.6: K = 3 needs 384, not 256).
+    ``height`` must be divisible by ``parts * stride`` (K = 3 needs 384,
+    not 256: docs/decisions/rmgl.md#input-height).
 
     Args:
         height (int): input image height H.
@@ -66,7 +67,8 @@ def unstack_stripes(y, parts):
 
 
 def receptive_partition(x, fn, parts):
-    """Receptive-partitioned path (§III-B, spec §2.1): run ``fn`` on each stripe on its own.
+    """Receptive-partitioned path (§III-B, docs/decisions/rmgl.md#rp-path): run ``fn`` on each
+    stripe on its own.
 
     The stripes go through ``fn`` as separate samples, so zero padding at their borders cuts
     the connectivity between them; ``fn`` shares its weights with the original path.
