@@ -12,6 +12,9 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 from reidzoo import compat  # noqa: E402
 
+# The one place the compatibility fixes are applied: every reidzoo module is imported through
+# this package, before it imports fast-reid's submodules (torch._six, collections.Mapping).
+# They are only version-guarded repairs; README "fast-reid 1.4.0 on today's torch" lists them.
 compat.apply()
 
 

@@ -479,8 +479,9 @@ def load_for_inference(cfg, build_model=None, weights=None):
 
     Args:
         cfg (CfgNode): a full config (frozen or not; it is not modified).
-        build_model (callable | None): ``build_model(cfg) -> nn.Module``; None: fast-reid's
-            ``build_model`` (``train_net.py --eval-only`` passes its trainer's).
+        build_model (callable | None): ``build_model(cfg) -> nn.Module``; None: reidzoo's
+            :func:`reidzoo.modeling.build.build_model` (``train_net.py --eval-only`` passes its
+            trainer's).
         weights (str | None): the checkpoint; None: ``MODEL.WEIGHTS``.
     Returns:
         tuple[nn.Module, CfgNode]: the model with the weights loaded (its train/eval mode as
@@ -492,7 +493,7 @@ def load_for_inference(cfg, build_model=None, weights=None):
         CheckpointMismatchError: see above.
     """
     if build_model is None:
-        from fastreid.modeling.meta_arch import build_model
+        from reidzoo.modeling.build import build_model
     path = os.fspath(cfg.MODEL.WEIGHTS if weights is None else weights)
     if not path:
         raise ValueError("no checkpoint to load: MODEL.WEIGHTS is empty")

@@ -1,12 +1,26 @@
-"""Make fastreid 1.4.0 work on today's torch, numpy and Python, on CPU as well as GPU."""
+"""Make fastreid 1.4.0 work on today's torch, torchvision, numpy and Python, on CPU as well as GPU.
+
+Only compatibility fixes live here: each one repairs something that breaks in fast-reid 1.4.0
+under a newer torch/torchvision/Python or without CUDA, and is applied only when the installed
+versions need it (:data:`FIX_TABLE`: fast-reid up to 1.4.0, plus the torch, torchvision or
+Python version that broke it). None changes what a working fast-reid computes. reidzoo's own
+behaviour (out-of-place normalisation, its image reader, refusing downloads, losses outside a
+trainer, registry messages, small-gallery CMC, the metric printer) lives in reidzoo's own
+classes and build paths instead, so importing reidzoo leaves stock fast-reid models alone.
+
+:func:`apply` runs once, from ``reidzoo/__init__.py``, before anything imports fast-reid's
+submodules (two fixes must precede fast-reid's imports).
+"""
 
 import collections
 import collections.abc
 import functools
 import importlib
 import logging
+import re
 import sys
 import types
+from importlib import metadata
 
 import torch
 
@@ -17,30 +31,100 @@ _APPLIED = False
 #: What each fix replaced, so tests can show what breaks without it: name -> object.
 ORIGINALS = {}
 
-#: Names of the fixes applied by :func:`apply`, in order. Tests check each one.
-FIXES = (
-    "torch_six",
-    "collections_abc",
-    "dataloader_cpu",
-    "optimizer_contiguous",
-    "cython_rank",
-    "rerank_cpu",
-    "baseline_inplace",
-    "random_affine",
-    "read_image",
-    "pretrained_download",
-    "launch_gloo",
-    "checkpoint_load",
-    "event_storage",
-    "registry_names",
-    "small_gallery_cmc",
-    "printer_same_iter",
-)
+
+def _parse(version):
+    """``"2.14.1+cpu"`` -> (2, 14, 1)."""
+    return tuple(int(x) for x in re.findall(r"\d+", version.split("+")[0])[:3])
+
+
+def installed_versions():
+    """The versions the guards look at.
+
+    Returns:
+        dict[str, tuple[int, ...]]: ``fastreid``, ``torch``, ``torchvision``, ``python``.
+    """
+    import torchvision
+
+    try:
+        fastreid = metadata.version("fastreid")
+    except metadata.PackageNotFoundError:  # a source checkout on sys.path
+        import fastreid as _fr
+
+        fastreid = getattr(_fr, "__version__", "1.4.0")
+    return {
+        "fastreid": _parse(fastreid),
+        "torch": _parse(torch.__version__),
+        "torchvision": _parse(torchvision.__version__),
+        "python": tuple(sys.version_info[:3]),
+    }
+
+
+#: fast-reid releases with the breakages below (1.4.0 is the last release; a later one is
+#: assumed to have fixed them until shown otherwise).
+FASTREID_MAX = (1, 4, 0)
+
+#: Every compatibility fix: name -> (the version that broke fast-reid: {package: minimum},
+#: what breaks). A fix applies when fast-reid <= FASTREID_MAX and every minimum is reached.
+FIX_TABLE = {
+    "torch_six": ({"torch": (2, 0)}, "torch 2.0 removed torch._six, which fast-reid imports"),
+    "collections_abc": (
+        {"python": (3, 10)},
+        "Python 3.10 removed collections.Mapping etc., which fast-reid imports",
+    ),
+    "dataloader_cpu": ({}, "DataLoaderX creates CUDA streams: 'Found no NVIDIA driver' on CPU"),
+    "optimizer_contiguous": (
+        {"torch": (2, 0)},
+        "build_optimizer(contiguous=True) steps a flat copy on torch 2: the weights never change",
+    ),
+    "cython_rank": (
+        {},
+        "ReidEvaluator runs `make` in site-packages and exits the process when it fails",
+    ),
+    "rerank_cpu": ({}, "k-reciprocal re-ranking hard-codes .cuda() and GPU faiss"),
+    "random_affine": (
+        {"torchvision": (0, 13)},
+        "torchvision 0.13 removed RandomAffine's resample= and fillcolor=, which INPUT.AFFINE uses",
+    ),
+    "launch_gloo": ({}, "launch's worker asserts CUDA and hard-codes NCCL"),
+    "checkpoint_load": (
+        {"torch": (2, 6)},
+        "torch 2.6 made torch.load weights-only: fast-reid's Checkpointer cannot read its own "
+        "checkpoints and names neither the file nor a way out",
+    ),
+}
+
+
+def needed(name, versions=None):
+    """Whether the fix ``name`` is needed with these versions.
+
+    Args:
+        name (str): a key of :data:`FIX_TABLE`.
+        versions (dict | None): as :func:`installed_versions` returns; None: the installed ones.
+    Returns:
+        bool
+    """
+    versions = versions or installed_versions()
+    minimums, _ = FIX_TABLE[name]
+    if versions["fastreid"] > FASTREID_MAX:
+        return False
+    return all(versions[pkg] >= minimum for pkg, minimum in minimums.items())
+
+
+#: Names of the fixes in force after :func:`apply`, in table order (the installed versions
+#: need them). Tests check each one.
+FIXES = tuple(name for name in FIX_TABLE if needed(name))
+#: Fixes the installed versions do not need: name -> why it is not applied.
+SKIPPED = {
+    name: f"not needed with {installed_versions()}: {why}"
+    for name, (_, why) in FIX_TABLE.items()
+    if name not in FIXES
+}
 
 
 def apply():
-    """Apply every fix once. Safe to call many times; must run before fastreid is imported
-    for the two import-time fixes (``torch._six`` and ``collections.Mapping``).
+    """Apply every needed fix (:data:`FIXES`) once. Safe to call many times; must run before
+    fast-reid's submodules are imported for the two import-time fixes (``torch._six`` and
+    ``collections.Mapping``). ``reidzoo/__init__.py`` calls it; nothing else does.
 
     Returns:
         tuple[str]: the names of the fixes that are in force.
@@ -48,21 +132,21 @@ def apply():
     global _APPLIED
     if _APPLIED:
         return FIXES
-    _fix_import_time()
-    _fix_dataloader()
-    _fix_optimizer()
-    _fix_cython_rank()
-    _fix_rerank()
-    _fix_baseline_inplace()
-    _fix_random_affine()
-    _fix_read_image()
-    _fix_pretrained_download()
-    _fix_launch()
-    _fix_checkpoint_load()
-    _fix_event_storage()
-    _fix_registry_names()
-    _fix_small_gallery_cmc()
-    _fix_printer_same_iter()
+    fixers = {
+        "torch_six": _fix_torch_six,
+        "collections_abc": _fix_collections_abc,
+        "dataloader_cpu": _fix_dataloader,
+        "optimizer_contiguous": _fix_optimizer,
+        "cython_rank": _fix_cython_rank,
+        "rerank_cpu": _fix_rerank,
+        "random_affine": _fix_random_affine,
+        "launch_gloo": _fix_launch,
+        "checkpoint_load": _fix_checkpoint_load,
+    }
+    for name in FIXES:
+        fixers[name]()
+    for name, why in SKIPPED.items():
+        logger.debug("compat fix %s skipped: %s", name, why)
     _APPLIED = True
     return FIXES
 
@@ -70,7 +154,7 @@ def apply():
 # --------------------------------------------------------------------------------------------
 # import-time: torch._six (removed in torch 2.0) and collections.Mapping (removed in Py 3.10)
 # --------------------------------------------------------------------------------------------
-def _fix_import_time():
+def _fix_torch_six():
     if "torch._six" not in sys.modules:
         try:
             importlib.import_module("torch._six")
@@ -82,6 +166,9 @@ def _fix_import_time():
             six.nan = float("nan")
             sys.modules["torch._six"] = six
             torch._six = six
+
+
+def _fix_collections_abc():
     # fastreid does `from collections import Mapping`; only add the aliases that are missing.
     for name in ("Mapping", "Sequence", "Iterable", "MutableMapping"):
         if not hasattr(collections, name):
@@ -188,38 +275,6 @@ def _fix_rerank():
 
 
 # --------------------------------------------------------------------------------------------
-# Baseline/MGN normalise the caller's image tensor in place (`sub_`/`div_`): the caller's batch
-# is corrupted, and fastreid's own flip test then normalises the flipped copy twice.
-# --------------------------------------------------------------------------------------------
-def preprocess_image(self, batched_inputs):
-    """Out-of-place replacement for fastreid's ``Baseline.preprocess_image``.
-
-    Args:
-        batched_inputs (dict | Tensor): fastreid batch dict with "images", or images
-            [N, 3, H, W] as float 0-255.
-    Returns:
-        Tensor: [N, 3, H, W] normalised by ``pixel_mean``/``pixel_std``.
-    """
-    if isinstance(batched_inputs, dict):
-        images = batched_inputs["images"]
-    elif isinstance(batched_inputs, torch.Tensor):
-        images = batched_inputs
-    else:
-        raise TypeError(
-            f"batched_inputs must be a dict or a Tensor, got {type(batched_inputs).__name__}"
-        )
-    return (images.to(self.pixel_mean.device) - self.pixel_mean) / self.pixel_std
-
-
-def _fix_baseline_inplace():
-    from fastreid.modeling.meta_arch import baseline, mgn
-
-    ORIGINALS.setdefault("baseline_inplace", baseline.Baseline.preprocess_image)
-    baseline.Baseline.preprocess_image = preprocess_image
-    mgn.MGN.preprocess_image = preprocess_image
-
-
-# --------------------------------------------------------------------------------------------
 # INPUT.AFFINE builds RandomAffine(resample=, fillcolor=): both removed from torchvision.
 # --------------------------------------------------------------------------------------------
 def _fix_random_affine():
@@ -243,55 +298,6 @@ def _fix_random_affine():
     proxy.RandomAffine = RandomAffine
     proxy._reidzoo_proxy = True
     tbuild.T = proxy  # only fastreid's transform builder sees the compatible class
-
-
-# --------------------------------------------------------------------------------------------
-# A corrupt image raised PIL's error without a usable file name, an RGBA file gave 4 channels
-# (a tensor-size error in collate) and a 16-bit one could not be converted: read every file
-# with reidzoo's one reader (8-bit RGB by fixed rules, errors name the file).
-# --------------------------------------------------------------------------------------------
-def _fix_read_image():
-    from fastreid.data import common, data_utils
-
-    orig = data_utils.read_image
-    if getattr(orig, "_reidzoo_patched", False):
-        return
-
-    @functools.wraps(orig)
-    def read_image(file_name, format=None):
-        import numpy as np
-        from PIL import Image
-
-        from reidzoo.data import images
-
-        image = images.read_image(file_name)  # ImageReadError (an OSError) names the file
-        if format is None or format == "RGB":
-            return image
-        if format == "BGR":  # fast-reid's convention: a PIL image holding BGR-ordered pixels
-            return Image.fromarray(np.ascontiguousarray(np.asarray(image)[:, :, ::-1]))
-        return image.convert(format)
-
-    ORIGINALS["read_image"] = orig
-    read_image._reidzoo_patched = True
-    data_utils.read_image = read_image
-    common.read_image = read_image
-
-
-# --------------------------------------------------------------------------------------------
-# PRETRAIN=True without PRETRAIN_PATH tries to download weights; nothing can be downloaded here.
-# --------------------------------------------------------------------------------------------
-def _fix_pretrained_download():
-    from fastreid.modeling.backbones import resnet
-
-    def init_pretrained_weights(key):
-        raise FileNotFoundError(
-            f"MODEL.BACKBONE.PRETRAIN is True but MODEL.BACKBONE.PRETRAIN_PATH is empty, and "
-            f"ImageNet weights ({key}) cannot be downloaded. Set MODEL.BACKBONE.PRETRAIN_PATH "
-            f"to a local torchvision-style checkpoint, or MODEL.BACKBONE.PRETRAIN False."
-        )
-
-    ORIGINALS.setdefault("pretrained_download", resnet.init_pretrained_weights)
-    resnet.init_pretrained_weights = init_pretrained_weights
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,92 +357,3 @@ def _fix_checkpoint_load():
 
     ORIGINALS.setdefault("checkpoint_load", checkpoint.Checkpointer._load_file)
     checkpoint.Checkpointer._load_file = _load_file
-
-
-# --------------------------------------------------------------------------------------------
-# The losses log accuracy to the current EventStorage and assert when there is none, so a
-# training-mode forward outside the trainer (a test, a notebook, a benchmark) fails.
-# --------------------------------------------------------------------------------------------
-def _fix_event_storage():
-    from fastreid.modeling.losses import cross_entroy_loss
-    from fastreid.utils import events
-
-    def get_event_storage():
-        if events._CURRENT_STORAGE_STACK:
-            return events._CURRENT_STORAGE_STACK[-1]
-        return events.EventStorage()  # discarded: nobody is recording outside a trainer
-
-    ORIGINALS.setdefault("event_storage", cross_entroy_loss.get_event_storage)
-    cross_entroy_loss.get_event_storage = get_event_storage
-
-
-# --------------------------------------------------------------------------------------------
-# Registry.get's KeyError names the missing entry but not what exists; list the choices.
-# --------------------------------------------------------------------------------------------
-def _fix_registry_names():
-    from fastreid.utils.registry import Registry
-
-    def get(self, name):
-        ret = self._obj_map.get(name)
-        if ret is None:
-            known = ", ".join(sorted(self._obj_map)) or "(none)"
-            raise KeyError(
-                f"No object named '{name}' found in '{self._name}' registry! "
-                f"Registered names: {known}"
-            )
-        return ret
-
-    ORIGINALS.setdefault("registry_names", Registry.get)
-    Registry.get = get
-
-
-# --------------------------------------------------------------------------------------------
-# With fewer than 10 gallery images the CMC curve is cut at the gallery size and ReidEvaluator's
-# `cmc[r - 1]` for Rank-5/10 raises IndexError. Past the gallery size the CMC is flat, so pad it
-# with its last value up to max_rank.
-# --------------------------------------------------------------------------------------------
-def _fix_small_gallery_cmc():
-    import numpy as np
-    from fastreid.evaluation import rank
-
-    orig = rank.evaluate_rank
-    if getattr(orig, "_reidzoo_patched", False):
-        return
-
-    @functools.wraps(orig)
-    def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50, **kwargs):
-        out = orig(distmat, q_pids, g_pids, q_camids, g_camids, max_rank, **kwargs)
-        cmc = np.asarray(out[0])
-        if 0 < len(cmc) < max_rank:
-            cmc = np.concatenate([cmc, np.full(max_rank - len(cmc), cmc[-1], dtype=cmc.dtype)])
-            out = (cmc, *out[1:])
-        return out
-
-    ORIGINALS["small_gallery_cmc"] = orig
-    evaluate_rank._reidzoo_patched = True
-    rank.evaluate_rank = evaluate_rank
-
-
-# --------------------------------------------------------------------------------------------
-# CommonMetricPrinter estimates the ETA from the previous write while the iteration timer is
-# still warming up (< 3 iterations); a second write at the same iteration (end of step, then end
-# of epoch) divides by zero. A repeated write at the same iteration has nothing new to print.
-# --------------------------------------------------------------------------------------------
-def _fix_printer_same_iter():
-    from fastreid.utils import events
-
-    cls = events.CommonMetricPrinter
-    if getattr(cls.write, "_reidzoo_patched", False):
-        return
-    orig = cls.write
-
-    @functools.wraps(orig)
-    def write(self):
-        last = getattr(self, "_last_write", None)
-        if last is not None and last[0] == events.get_event_storage().iter:
-            return
-        return orig(self)
-
-    ORIGINALS["printer_same_iter"] = orig
-    write._reidzoo_patched = True
-    cls.write = write

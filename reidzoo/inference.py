@@ -12,10 +12,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from reidzoo import compat
-
-compat.apply()
-
 logger = logging.getLogger(__name__)
 
 #: File name endings taken from folders and glob patterns (case-insensitive).

@@ -230,7 +230,7 @@ def lookup(registry, name, key=None):
             where = f"{key}: " if key else ""
             known = ", ".join(sorted(obj_map)) or "(none)"
             raise KeyError(
-                f"{where}no object named '{name}' in fast-reid's '{registry._name}' registry; "
+                f"{where}no object named '{name}' in the '{registry._name}' registry; "
                 f"registered names: {known}{failures_note()}"
             )
     return obj_map[name]

@@ -9,10 +9,6 @@ where the newcomer silently replaces the first).
 
 import inspect
 
-from reidzoo import compat
-
-compat.apply()
-
 from fastreid.data.datasets import DATASET_REGISTRY  # noqa: E402
 from fastreid.modeling.backbones.build import BACKBONE_REGISTRY  # noqa: E402
 from fastreid.modeling.heads.build import REID_HEADS_REGISTRY  # noqa: E402

@@ -147,11 +147,11 @@ def test_unknown_config_key_is_named(tmp_path):
 
 
 def test_unknown_component_names_list_registered():
-    from fastreid.modeling.meta_arch import build_model
+    from reidzoo.modeling.build import build_model
 
     cfg = get_cfg()
     cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.BACKBONE.NAME", "nope_backbone"])
-    with pytest.raises(KeyError, match="build_staged_resnet_backbone"):
+    with pytest.raises(KeyError, match="MODEL.BACKBONE.NAME: .*build_staged_resnet_backbone"):
         build_model(cfg)
     cfg.INPUT.TRANSFORMS = ["NoSuchTransform"]
     with pytest.raises(KeyError, match="TRANSFORM"):

@@ -186,6 +186,8 @@ def test_small_gallery_cmc_padded_like_compat():
     q_cams, g_cams = np.zeros(6, int), np.ones(8, int) + rng.integers(0, 2, 8)
     dist = build_dist(qf, gf, "cosine")
     cmc, all_ap, all_inp = evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, use_cython=False)
+    assert len(cmc) == 8  # fast-reid's CMC stops at the gallery size ...
+    cmc = np.concatenate([cmc, np.full(42, cmc[-1], cmc.dtype)])  # ... and is flat after it
     res = rank_features(qf, gf, q_pids, g_pids, q_cams, g_cams)
     _assert_same(res, cmc, np.asarray(all_ap), np.asarray(all_inp), 6)
 

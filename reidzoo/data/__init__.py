@@ -1,9 +1,5 @@
 """Data: transform splicing, the synthetic demo dataset and small real benchmarks."""
 
-from reidzoo import compat
-
-compat.apply()
-
 from .datasets import (  # noqa: E402  (importing registers the datasets)
     NUM_SPLITS,
     PRID450S,

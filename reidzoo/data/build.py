@@ -11,17 +11,45 @@ import logging
 import os
 import re
 
+from fastreid.data.common import CommDataset
 from fastreid.utils import comm
 
 from reidzoo.config import dataset_root
-from reidzoo.data.images import check_images
+from reidzoo.data.images import check_images, read_image
+from reidzoo.plugins import lookup
 from reidzoo.registry import DATASET_REGISTRY
 
 logger = logging.getLogger(__name__)
 
+
+class ReidDataset(CommDataset):
+    """fast-reid's ``CommDataset`` reading every image with reidzoo's one reader.
+
+    :func:`reidzoo.data.images.read_image` gives 8-bit RGB by fixed rules (alpha dropped,
+    grayscale repeated, 16-bit reduced to its high byte) and an error naming the file, where
+    fast-reid's reader gives 4 channels for RGBA (a collate error), fails on 16-bit files and
+    raises PIL's error without a usable file name. fast-reid's ``CommDataset`` is left as is.
+
+    Args:
+        img_items (list[tuple]): ``(path, pid, camid)`` items.
+        transform (callable | None): PIL image -> tensor.
+        relabel (bool): map pids and camids to 0..n-1 (training).
+    """
+
+    def __getitem__(self, index):
+        path, pid, camid = self.img_items[index][:3]
+        image = read_image(path)  # ImageReadError (an OSError) names the file
+        if self.transform is not None:
+            image = self.transform(image)
+        if self.relabel:
+            pid, camid = self.pid_dict[pid], self.cam_dict[camid]
+        return {"images": image, "targets": pid, "camids": camid, "img_paths": path}
+
+
 __all__ = [
     "KNOWN_LAYOUTS",
     "IdentitySamplerError",
+    "ReidDataset",
     "build_dataset",
     "check_dataset_images",
     "check_datasets",
@@ -68,7 +96,7 @@ def build_dataset(cfg, name):
 
     # Absolute, so that every path in the items, and so in every later error, is absolute.
     root = os.path.abspath(os.path.expanduser(dataset_root(cfg)))
-    cls = DATASET_REGISTRY.get(name)
+    cls = lookup(DATASET_REGISTRY, name, "DATASETS.NAMES / DATASETS.TESTS")
     if not os.path.isdir(root) and name in KNOWN_LAYOUTS:
         raise FileNotFoundError(
             f"dataset root '{root}' does not exist (DATASETS.ROOT or $FASTREID_DATASETS); "

@@ -9,6 +9,7 @@ that ToTensor. The result is passed to fast-reid's loader builders through ``tra
 import torchvision.transforms as T
 from fastreid.data.transforms import ToTensor, build_transforms
 
+from reidzoo.plugins import lookup
 from reidzoo.registry import TRANSFORM_REGISTRY
 
 STAGES = ("pil", "tensor")
@@ -26,7 +27,7 @@ def build_registered_transforms(cfg, is_train):
     """
     out = {s: [] for s in STAGES}
     for name in cfg.INPUT.TRANSFORMS:
-        builder = TRANSFORM_REGISTRY.get(name)
+        builder = lookup(TRANSFORM_REGISTRY, name, "INPUT.TRANSFORMS")
         stage = getattr(builder, "stage", None)
         if stage not in STAGES:
             raise ValueError(

@@ -1,9 +1,5 @@
 """Training and evaluation entry points."""
 
-from reidzoo import compat
-
-compat.apply()
-
 from .launch import default_argument_parser, launch, main, setup  # noqa: E402
 from .trainer import ReidTrainer, build_dataset, prepare_cfg  # noqa: E402
 

@@ -5,18 +5,17 @@ import os
 
 import torch
 from fastreid.data import build_reid_test_loader
-from fastreid.data.common import CommDataset
 from fastreid.engine import DefaultTrainer
 from fastreid.engine.train_loop import AMPTrainer, SimpleTrainer, TrainerBase
-from fastreid.modeling.meta_arch import build_model
 from fastreid.solver import build_optimizer
 from fastreid.utils import comm
+from fastreid.utils.events import CommonMetricPrinter, get_event_storage
 from fastreid.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
 from reidzoo import schedule
 from reidzoo.checkpoint import Checkpointer
-from reidzoo.data.build import build_dataset
+from reidzoo.data.build import ReidDataset, build_dataset
 from reidzoo.data.stream import DeferredLoader, build_stream_train_loader, run_seed, stream_of
 from reidzoo.data.transforms import build_transforms_with_registry
 from reidzoo.engine.hooks import BufferSync, EpochSeed, FinalCheckpoint, PeriodicCheckpointer
@@ -25,6 +24,7 @@ from reidzoo.engine.run_folder import (
     remove_stale_temporaries,
     truncate_metrics,
 )
+from reidzoo.modeling.build import build_model
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,21 @@ def prepare_cfg(cfg):
     if frozen:
         cfg.freeze()
     return cfg
+
+
+class MetricPrinter(CommonMetricPrinter):
+    """fast-reid's progress/ETA printer that skips a second write at the same iteration.
+
+    fast-reid's estimates the ETA from its previous write while the iteration timer warms up
+    (fewer than 3 iterations), so a second write at the same iteration (end of step, then end
+    of epoch) divides by zero; a repeated write has nothing new to print.
+    """
+
+    def write(self):
+        last = getattr(self, "_last_write", None)
+        if last is not None and last[0] == get_event_storage().iter:
+            return
+        super().write()
 
 
 class ReidTrainer(DefaultTrainer):
@@ -247,6 +262,13 @@ class ReidTrainer(DefaultTrainer):
             ret.append(TrainingDiagnostics(self.cfg.REIDZOO.DIAGNOSTICS.PERIOD))
         return ret
 
+    def build_writers(self):
+        """fast-reid's writers, with :class:`MetricPrinter` for its ``CommonMetricPrinter``."""
+        return [
+            MetricPrinter(self.max_iter) if type(w) is CommonMetricPrinter else w
+            for w in super().build_writers()
+        ]
+
     @classmethod
     def build_lr_hook(cls, optimizer, scheduler):
         """The hook that steps the schedulers of :meth:`build_lr_scheduler`."""
@@ -254,9 +276,8 @@ class ReidTrainer(DefaultTrainer):
 
     @classmethod
     def build_model(cls, cfg):
-        from reidzoo.plugins import resolve_components
-
-        resolve_components(cfg)  # a missing name: the plugins that may provide it, or an error
+        # reidzoo's build path: plugin look-up of missing names, no download, out-of-place
+        # normalisation for fast-reid's Baseline/MGN (reidzoo.modeling.build.build_model).
         model = build_model(cfg)
         logger.info("Model:\n%s", model)
         return model
@@ -295,7 +316,7 @@ class ReidTrainer(DefaultTrainer):
         check_identity_sampler(cfg, items)
         check_datasets(cfg, items)
         transforms = build_transforms_with_registry(cfg, is_train=True)
-        train_set = CommDataset(items, transforms, relabel=True)
+        train_set = ReidDataset(items, transforms, relabel=True)
         return build_stream_train_loader(cfg, train_set, transforms)
 
     @classmethod
@@ -318,7 +339,7 @@ class ReidTrainer(DefaultTrainer):
             },
         )
         transforms = build_transforms_with_registry(cfg, is_train=False)
-        test_set = CommDataset(data.query + data.gallery, transforms, relabel=False)
+        test_set = ReidDataset(data.query + data.gallery, transforms, relabel=False)
         return build_reid_test_loader(
             test_set=test_set,
             test_batch_size=cfg.TEST.IMS_PER_BATCH,

@@ -8,10 +8,6 @@
 * :mod:`reidzoo.evaluation.rerank`: fast-reid's k-reciprocal re-ranking behind a memory check.
 """
 
-from reidzoo import compat
-
-compat.apply()
-
 from .chunked import (  # noqa: E402
     EVALUATORS,
     MIN_BLOCK,

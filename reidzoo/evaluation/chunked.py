@@ -780,6 +780,11 @@ class ChunkedReidEvaluator(DatasetEvaluator):
 EVALUATORS = {"ChunkedReidEvaluator": ChunkedReidEvaluator}
 
 
+#: Galleries smaller than this are evaluated with :class:`ChunkedReidEvaluator` when
+#: ``TEST.EVALUATOR`` is fast-reid's ``ReidEvaluator`` (which needs 10 for Rank-10).
+SMALL_GALLERY = 10
+
+
 def build_reid_evaluator(cfg, num_query, num_gallery=None, output_dir=None):
     """The evaluator named by ``TEST.EVALUATOR``.
 
@@ -806,4 +811,15 @@ def build_reid_evaluator(cfg, num_query, num_gallery=None, output_dir=None):
     if cfg.TEST.RERANK.ENABLED and num_gallery is not None:
         budget = cfg.TEST.RERANK.get("MEMORY_BUDGET_GB", 0)
         check_rerank_memory(num_query, num_gallery, budget)
+    if name == "ReidEvaluator" and num_gallery is not None and num_gallery < SMALL_GALLERY:
+        # fast-reid's ReidEvaluator reads cmc[4] and cmc[9] (Rank-5/10) from a CMC cut at the
+        # gallery size: an IndexError below 10 images. The chunked evaluator computes the same
+        # metrics and holds the CMC flat past the gallery size.
+        logger.info(
+            "gallery of %d images (< %d): evaluating with ChunkedReidEvaluator, whose CMC is "
+            "flat past the gallery size (fast-reid's ReidEvaluator cannot report Rank-5/10)",
+            num_gallery,
+            SMALL_GALLERY,
+        )
+        name = "ChunkedReidEvaluator"
     return classes[name](cfg, num_query, output_dir)

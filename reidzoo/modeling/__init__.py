@@ -1,9 +1,5 @@
 """Modeling pieces shared by two or more papers."""
 
-from reidzoo import compat
-
-compat.apply()
-
 from .backbone import (  # noqa: E402
     STAGES,
     Stage,

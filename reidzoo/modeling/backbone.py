@@ -12,6 +12,7 @@ import os
 from fastreid.modeling.backbones.resnet import BasicBlock, Bottleneck, ResNet
 from torch import nn
 
+from reidzoo.plugins import lookup
 from reidzoo.registry import BACKBONE_REGISTRY, STAGE_MODULE_REGISTRY
 
 logger = logging.getLogger(__name__)
@@ -266,7 +267,9 @@ def parse_inserts(cfg, channels):
                 f"MODEL.BACKBONE.INSERTS entry {entry!r}: expected 'layerK:Name' with layerK "
                 f"in {STAGES}"
             )
-        module = STAGE_MODULE_REGISTRY.get(name)(cfg, stage, channels[stage])
+        module = lookup(STAGE_MODULE_REGISTRY, name, "MODEL.BACKBONE.INSERTS")(
+            cfg, stage, channels[stage]
+        )
         per_stage.setdefault(stage, []).append(module)
     return {s: (m[0] if len(m) == 1 else nn.Sequential(*m)) for s, m in per_stage.items()}
 

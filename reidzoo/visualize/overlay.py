@@ -37,7 +37,12 @@ class _MapRegistry(Registry):
 
     def get(self, name):
         self._load_declared()
-        return super().get(name)
+        if name not in self._obj_map:
+            raise KeyError(
+                f"no map producer named '{name}'; registered producers: "
+                f"{', '.join(self._obj_map) or '(none)'}"
+            )
+        return self._obj_map[name]
 
     def names(self):
         """Returns:
