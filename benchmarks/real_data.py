@@ -94,8 +94,9 @@ def registry_name(dataset):
     """The registry name of a dataset given by short name or by registry name.
 
     Args:
-        dataset (str): a key of :data:`DATASETS`, or any name in fast-reid's
-            ``DATASET_REGISTRY`` once reidzoo and the installed plugins are loaded.
+        dataset (str): a key of :data:`DATASETS`, or a name in fast-reid's ``DATASET_REGISTRY``
+            registered by reidzoo or by a plugin (imported, through its entry point, only if
+            nothing loaded has the name).
     Returns:
         str
     Raises:
@@ -103,16 +104,16 @@ def registry_name(dataset):
     """
     if dataset in DATASETS:
         return DATASETS[dataset]
-    from reidzoo.plugins import load_plugins  # imports torch: only for a registry name
+    from reidzoo.plugins import load_core, lookup  # imports torch: only for a registry name
     from reidzoo.registry import DATASET_REGISTRY
 
-    load_plugins()
-    if dataset in DATASET_REGISTRY._obj_map:
-        return dataset
-    raise KeyError(
-        f"unknown dataset '{dataset}'; short names: {sorted(DATASETS)}; registered datasets: "
-        f"{sorted(DATASET_REGISTRY._obj_map)}"
-    )
+    load_core()
+    try:
+        lookup(DATASET_REGISTRY, dataset, "--datasets")
+    except KeyError as e:
+        message = f"unknown dataset '{dataset}'; short names: {sorted(DATASETS)}; {e.args[0]}"
+        raise KeyError(message) from None
+    return dataset
 
 
 def ordered_datasets(names):

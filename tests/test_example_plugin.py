@@ -130,6 +130,15 @@ def test_entry_point_config_values_and_splits_reach_the_dataset(installed):
     assert split0["train_ids"] == [f"examplefolder_{p}" for p in (2, 4, 6, 8)]
     # its own config value (from_config) reaches it
     assert split0["query_cams"] == split1["query_cams"] == [2]
+    # named only as a dataset (no key of its own in the config), the plugin is found too
+    probe = (
+        "import sys; from reidzoo.config import get_cfg; "
+        "from reidzoo.data.datasets import dataset_num_splits; cfg = get_cfg(); "
+        "assert 'EXAMPLE_FOLDER' not in cfg.DATASETS; "
+        "print(dataset_num_splits(cfg, 'ExampleFolderReID'), sorted(sys.modules).count("
+        "'reidzoo_example_dataset'))"
+    )
+    assert _run([py, "-c", probe], str(tmp)).split()[-2:] == ["2", "1"]
 
 
 def test_splits_trains_every_split_of_the_plugin_dataset(installed):

@@ -16,6 +16,7 @@ reidzoo keeps theirs in :data:`FASTREID_FROM_CONFIG`.
 import logging
 
 from reidzoo.config import add_node, register_config
+from reidzoo.plugins import lookup
 from reidzoo.registry import DATASET_REGISTRY
 
 from .small import (
@@ -41,6 +42,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+_KEY = "DATASETS.NAMES / DATASETS.TESTS"
 _WARNED = set()  # (dataset, split index) pairs already warned about
 
 
@@ -77,9 +79,10 @@ def dataset_num_splits(cfg, name):
         ``DATASETS.CUHK03.CLASSIC_SPLIT``, else 1); None for a dataset without splits, which
         ``DATASETS.SPLIT_INDEX`` does not reach.
     Raises:
-        KeyError: ``name`` is not registered (the message lists the registered names).
+        KeyError: no loaded module or plugin registers ``name`` (the message lists the
+            registered names and any plugin that failed to import).
     """
-    cls = DATASET_REGISTRY.get(name)
+    cls = lookup(DATASET_REGISTRY, name, _KEY)
     entry = _fastreid_entry(name, cls)
     if entry is not None:
         return entry[1](cfg)
@@ -107,10 +110,11 @@ def dataset_kwargs(cfg, name):
     Returns:
         dict: constructor keywords.
     Raises:
-        KeyError: ``name`` is not registered (the message lists the registered names).
+        KeyError: no loaded module or plugin registers ``name`` (the message lists the
+            registered names and any plugin that failed to import).
         TypeError: ``from_config`` returned something other than a dict (names the class).
     """
-    cls = DATASET_REGISTRY.get(name)  # fail early, with the list of names, on a typo
+    cls = lookup(DATASET_REGISTRY, name, _KEY)  # a plugin's dataset loads its plugin
     entry = _fastreid_entry(name, cls)
     from_config = entry[0] if entry is not None else getattr(cls, "from_config", None)
     kwargs = {} if from_config is None else from_config(cfg)
