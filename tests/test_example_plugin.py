@@ -7,13 +7,13 @@ import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from tests.conftest import REPO
+from tests.test_packaging import _bare_venv, _purelib, _site_packages
 
 EXAMPLE = os.path.join(REPO, "examples", "reidzoo-example-dataset")
 
@@ -64,19 +64,12 @@ print(json.dumps(out))
 
 def _venv_seeing_this_env(path):
     """A venv whose interpreter also sees this environment's packages, editable reidzoo
-    included (its .pth runs ``site.addsitedir``, which processes the .pth files there), and
-    installs into its own site-packages: what is installed there stays there."""
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True)
-    py = str(path / "bin" / "python")
-    purelib = subprocess.run(
-        [py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    parent = sysconfig.get_paths()["purelib"]
-    with open(os.path.join(purelib, "zz_parent_env.pth"), "w") as f:
-        f.write(f"import site; site.addsitedir({parent!r})\n")
+    included, and installs into its own site-packages: test_packaging's bare venv plus a .pth
+    that runs ``site.addsitedir`` on this environment's site-packages, which processes the .pth
+    files there (the editable install's among them)."""
+    py = _bare_venv(path)
+    with open(os.path.join(_purelib(py), "zz_parent_env_processed.pth"), "w") as f:
+        f.write(f"import site; site.addsitedir({_site_packages()!r})\n")
     return py
 
 
