@@ -104,7 +104,8 @@ class _Session:
         self.handles = []
 
     def _on_stage(self, module, inputs, output):
-        if torch.is_tensor(output) and output.requires_grad:
+        # not the passes a model makes without gradients (PMM's clean Grad-CAM for A-CutMix)
+        if torch.is_tensor(output) and torch.is_grad_enabled():
             self.stage_outputs.append(output)
 
     def _on_module(self, path, module, inputs, output, probes):
@@ -142,6 +143,7 @@ class _Session:
                 norms = [o.detach().float().mean(dim=(2, 3)).norm(dim=1).mean() for o in outs]
                 self.scalars[f"{PREFIX}/feat_norm/last_stage"] = torch.stack(norms).mean().item()
         terms = {k: v for k, v in output.items() if torch.is_tensor(v) and v.requires_grad}
+        outs = [o for o in outs if o.requires_grad]  # none for a frozen backbone (PFE stage II)
         if not outs or not terms:
             return
         total = [None] * len(outs)
