@@ -61,7 +61,7 @@ class PANHead(nn.Module):
 
     Built from a config (``PANHead(cfg)``, as fast-reid's ``build_heads`` calls it; see
     :meth:`from_config`) or from the keyword arguments below, e.g. inside a model of your own:
-    ``PANHead(feat_dim=2048, num_classes=751)`` is the paper's PAN_c head for ResNet-50.
+    ``PANHead(feat_dim=2048, num_classes=751)`` is the PAN_c head of our ResNet-50 configs.
 
     Args:
         feat_dim (int): channels C of X^4, the layer4 map (2048 for ResNet-50, 512 for
