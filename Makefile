@@ -2,13 +2,18 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install install-gpu demo test lint format
+.PHONY: install install-gpu install-interop demo test lint format
 
 install:
 	bash scripts/install.sh
 
 install-gpu:
 	bash scripts/install.sh --gpu
+
+# The core install plus the [interop] test extra (boxmot, openvino) that tests/test_interop.py
+# needs; without it those tests skip.
+install-interop:
+	bash scripts/install.sh --interop
 
 # Set everything up, then train and evaluate the demo model on the CPU.
 demo: install
@@ -22,6 +27,6 @@ format:
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-# Set everything up, lint (blocking), run the test suite.
-test: install lint
+# Set everything up (with the interop test extra), lint (blocking), run the test suite.
+test: install-interop lint
 	$(PY) -m pytest -q tests

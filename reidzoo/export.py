@@ -543,6 +543,17 @@ def _default_dir_mode():
     return 0o777 & ~umask
 
 
+def _check_replaceable(path):
+    """Raise FileExistsError when ``path`` exists and is not an OpenVINO export folder."""
+    if os.path.lexists(path) and not (
+        os.path.isdir(path) and os.path.isfile(os.path.join(path, OPENVINO_XML))
+    ):
+        raise FileExistsError(
+            f"'{path}' exists and is not an OpenVINO export folder (no {OPENVINO_XML}); "
+            "choose another --output or remove it"
+        )
+
+
 def _install_folder(tmp, path):
     """Rename the finished folder ``tmp`` to ``path``, replacing an earlier OpenVINO export.
 
@@ -552,11 +563,7 @@ def _install_folder(tmp, path):
     """
     old = None
     if os.path.lexists(path):
-        if not (os.path.isdir(path) and os.path.isfile(os.path.join(path, OPENVINO_XML))):
-            raise FileExistsError(
-                f"'{path}' exists and is not an OpenVINO export folder (no {OPENVINO_XML}); "
-                "choose another --output or remove it"
-            )
+        _check_replaceable(path)
         old = tempfile.mkdtemp(prefix=".tmp-old-", dir=os.path.dirname(tmp))
         os.rmdir(old)
         os.rename(path, old)
@@ -608,6 +615,7 @@ def export_openvino(model, path, input_size, batch=2, opset=DEFAULT_OPSET, tol=D
     )
     props = {**contract_metadata(spec, dim), **{k: str(v) for k, v in (metadata or {}).items()}}
     path = os.fspath(path).rstrip("/\\") or os.fspath(path)
+    _check_replaceable(path)  # before the work; checked again when the folder is renamed
     if not os.path.basename(path).endswith("_openvino_model"):
         logger.warning(
             "BoxMOT recognises an OpenVINO folder by the suffix '_openvino_model'; "
@@ -785,7 +793,9 @@ def main(argv=None):
         argv (list[str] | None): arguments without the program name; None reads ``sys.argv``.
     Returns:
         int: 0 when the export was written and matches PyTorch (or ``--inspect`` printed its
-        metadata), 1 when the parity check failed or the export to inspect cannot be read.
+        metadata), 1 when the parity check failed, the export to inspect cannot be read,
+        openvino is missing for ``--format openvino`` or ``--output`` is a folder that is not
+        an earlier OpenVINO export (each an ``error:`` line).
     """
     from reidzoo.config import setup_cfg
     from reidzoo.inference import checkpoint_opts
@@ -843,6 +853,9 @@ def main(argv=None):
     except ParityError as e:
         logger.error("%s", e)
         result, status = e.result, 1
+    except FileExistsError as e:  # an --output folder that is not an earlier export
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
     sys.stderr.flush()
     print(format_parity(result), flush=True)
     return status

@@ -258,7 +258,11 @@ def test_openvino_export_parity_metadata_and_atomic_replace(trained_like, monkey
     monkeypatch.undo()
     with pytest.raises(FileExistsError, match="not an OpenVINO export folder"):
         export.export_openvino(model, str(other), HW)
-    assert (other / "keep.txt").read_text() == "mine"
+    argv = ["--config-file", yaml, "--output", str(other), "--format", "openvino"]
+    assert export.main(argv) == 1
+    assert "not an OpenVINO export folder" in capsys.readouterr().err
+    assert sorted(os.listdir(other)) == ["keep.txt"] and (other / "keep.txt").read_text() == "mine"
+    assert not [n for n in os.listdir(root) if n.startswith(".tmp-")]
     shutil.rmtree(other)
 
 
