@@ -4,8 +4,17 @@ import math
 
 import torch
 import torch.nn.functional as F
+from fastreid.config import configurable
 from torch import nn
 
+from reidzoo.modeling.arguments import (
+    ArgumentError,
+    arguments_of,
+    check_choice,
+    config_keys,
+    read_keys,
+)
+from reidzoo.modeling.backbone import STAGES
 from reidzoo.registry import STAGE_MODULE_REGISTRY
 
 from .fused import (
@@ -134,6 +143,26 @@ def _normalise(x, norm):
     raise ValueError(f"MODEL.IANET.FUSION_NORM={norm!r}; expected one of {NORMS}")
 
 
+def check_sia_arguments(owner, args):
+    """Check the arguments of :class:`SIA` (also run by :class:`IABlock`).
+
+    Args:
+        owner (str): the component named in the error ("SIA", "IABlock").
+        args (dict): ``contexts``, ``fusion``, ``norm``, ``relation``, ``sigma`` by name.
+    Raises:
+        reidzoo.modeling.arguments.ArgumentError: naming the argument at fault.
+    """
+    check_choice(owner, "relation", args["relation"], RELATIONS)
+    check_choice(owner, "fusion", args["fusion"], FUSIONS)
+    check_choice(owner, "norm", args["norm"], NORMS)
+    contexts = args["contexts"]
+    if not contexts or any(not isinstance(k, int) or k < 1 for k in contexts):
+        raise ArgumentError(owner, {"contexts": contexts}, "expected patch sizes K >= 1")
+    sigma = args["sigma"]
+    if len(sigma) != 2 or any(not isinstance(v, (int, float)) or v <= 0 for v in sigma):
+        raise ArgumentError(owner, {"sigma": sigma}, "expected (sigma_1, sigma_2), both > 0")
+
+
 def _zero_bn(channels):
     bn = nn.BatchNorm2d(channels)
     nn.init.zeros_(bn.weight)  # Y = BN(E) + F is the identity at insertion (§3.3)
@@ -170,17 +199,8 @@ class SIA(nn.Module):
         sigma=(5.0, 10.0),
         fused=True,
     ):
+        check_sia_arguments("SIA", arguments_of(locals()))
         super().__init__()
-        if relation not in RELATIONS:
-            raise ValueError(f"MODEL.IANET.RELATION={relation!r}; expected one of {RELATIONS}")
-        if fusion not in FUSIONS:
-            raise ValueError(f"MODEL.IANET.FUSION={fusion!r}; expected one of {FUSIONS}")
-        if norm not in NORMS:
-            raise ValueError(f"MODEL.IANET.FUSION_NORM={norm!r}; expected one of {NORMS}")
-        if not contexts:
-            raise ValueError("MODEL.IANET.CONTEXTS must list at least one patch size")
-        for k in contexts:
-            context_offsets(int(k))
         self.channels = channels
         self.contexts = tuple(int(k) for k in contexts)
         self.fusion, self.norm, self.scale, self.relation = fusion, norm, scale, relation
@@ -308,26 +328,95 @@ class ResidualIA(nn.Module):
 class IABlock(nn.Module):
     """IA block: SIA and CIA blocks arranged as in Tab. 4d.
 
+    Built from explicit arguments (``IABlock(1024, sigma=(5.0, 10.0))`` after a ResNet-50
+    layer3, in a model of your own) or from a config, ``IABlock(cfg, stage, channels)`` (see
+    :meth:`from_config`; how ``MODEL.BACKBONE.INSERTS: ["layer3:IANetIABlock"]`` builds it).
+
     Args:
-        channels (int): C.
+        channels (int): C, the channels of the map it follows.
         arrangement (str): "spatial_channel" (default), "channel_spatial", "parallel"
             (Y = F + BN_S(E^S) + BN_C(E^C)), "spatial" or "channel" (one block only).
         fused (bool): the ``fused`` switch of both :class:`SIA` and :class:`CIA`.
-        **sia_kwargs: other arguments of :class:`SIA`.
+        contexts (Sequence[int]): SIA's patch sizes K (Eq. 1-2).
+        fusion (str): SIA's fusion, "prod", "sum" or "max" (Eq. 2, 5).
+        norm (str): SIA's normalisation after fusion, "softmax" (paper) or "renorm".
+        scale (bool): divide SIA's appearance logits by sqrt(C).
+        relation (str): SIA's relation map, "semantic", "appearance" or "location".
+        sigma (tuple[float, float]): (sigma_1 along x, sigma_2 along y) of Eq. 3; the paper
+            uses (10, 20) after layer2 and (5, 10) after layer3.
+    Raises:
+        reidzoo.modeling.arguments.ArgumentError: a wrong value, naming the argument (built
+            from a config: a ``ValueError`` naming the config key).
     """
 
-    def __init__(self, channels, arrangement="spatial_channel", fused=True, **sia_kwargs):
+    #: argument -> config key read by :meth:`from_config` (``sigma``: ``SIGMA_<STAGE>``)
+    CONFIG_KEYS = {
+        "arrangement": "MODEL.IANET.ARRANGEMENT",
+        "contexts": "MODEL.IANET.CONTEXTS",
+        "fusion": "MODEL.IANET.FUSION",
+        "norm": "MODEL.IANET.FUSION_NORM",
+        "scale": "MODEL.IANET.SCALE",
+        "relation": "MODEL.IANET.RELATION",
+    }
+
+    @configurable
+    def __init__(
+        self,
+        channels,
+        arrangement="spatial_channel",
+        fused=True,
+        contexts=(1, 2, 3),
+        fusion="prod",
+        norm="softmax",
+        scale=True,
+        relation="semantic",
+        sigma=(5.0, 10.0),
+    ):
+        self.check_arguments(arguments_of(locals()))
         super().__init__()
-        if arrangement not in ARRANGEMENTS:
-            raise ValueError(
-                f"MODEL.IANET.ARRANGEMENT={arrangement!r}; expected one of {ARRANGEMENTS}"
-            )
         self.arrangement = arrangement
         if arrangement != "channel":
-            self.sia = ResidualIA(SIA(channels, fused=fused, **sia_kwargs), channels)
+            sia = SIA(channels, contexts, fusion, norm, scale, relation, sigma, fused=fused)
+            self.sia = ResidualIA(sia, channels)
         else:
             self.sia = None
         self.cia = ResidualIA(CIA(fused=fused), channels) if arrangement != "spatial" else None
+
+    @classmethod
+    def from_config(cls, cfg, stage, channels):
+        """Constructor arguments from ``cfg.MODEL.IANET`` for a block after ``stage``.
+
+        Args:
+            cfg (CfgNode): root config.
+            stage (str): "layer1".."layer4", the stage the block follows (selects
+                ``SIGMA_<STAGE>``).
+            channels (int): that stage's output channels.
+        Returns:
+            dict: keyword arguments of ``__init__``.
+        Raises:
+            ValueError: a wrong value, naming its key (or ``stage``).
+        """
+        if stage not in STAGES:
+            raise ValueError(f"IABlock.from_config: stage={stage!r}; expected one of {STAGES}")
+        keys = {**cls.CONFIG_KEYS, "sigma": f"MODEL.IANET.SIGMA_{stage.upper()}"}
+        args = {"channels": channels, **read_keys(cfg, keys)}
+        with config_keys(keys):
+            cls.check_arguments({**args, "fused": True})
+        return args
+
+    @staticmethod
+    def check_arguments(args):
+        """Check the constructor's arguments (both construction paths run it).
+
+        Args:
+            args (dict): every argument of ``__init__``, by name.
+        Raises:
+            reidzoo.modeling.arguments.ArgumentError: naming the argument at fault.
+        """
+        if not isinstance(args["channels"], int) or args["channels"] < 1:
+            raise ArgumentError("IABlock", {"channels": args["channels"]}, "expected an int >= 1")
+        check_choice("IABlock", "arrangement", args["arrangement"], ARRANGEMENTS)
+        check_sia_arguments("IABlock", args)
 
     def forward(self, x):
         """Args:
@@ -347,7 +436,8 @@ class IABlock(nn.Module):
 
 
 def ia_block_from_config(cfg, stage, channels):
-    """Build an :class:`IABlock` for the output of ``stage`` from ``cfg.MODEL.IANET``.
+    """Build an :class:`IABlock` for the output of ``stage`` from ``cfg.MODEL.IANET``: the
+    same as ``IABlock(cfg, stage, channels)``.
 
     Args:
         cfg (CfgNode)
@@ -356,20 +446,10 @@ def ia_block_from_config(cfg, stage, channels):
     Returns:
         IABlock
     """
-    ia = cfg.MODEL.IANET
-    return IABlock(
-        channels,
-        arrangement=ia.ARRANGEMENT,
-        contexts=tuple(ia.CONTEXTS),
-        fusion=ia.FUSION,
-        norm=ia.FUSION_NORM,
-        scale=ia.SCALE,
-        relation=ia.RELATION,
-        sigma=tuple(ia[f"SIGMA_{stage.upper()}"]),
-    )
+    return IABlock(cfg, stage, channels)
 
 
 @STAGE_MODULE_REGISTRY.register()
 def IANetIABlock(cfg, stage, channels):  # noqa: N802 (registry name)
     """Registered stage module: ``MODEL.BACKBONE.INSERTS: ["layer2:IANetIABlock", ...]``."""
-    return ia_block_from_config(cfg, stage, channels)
+    return IABlock(cfg, stage, channels)

@@ -11,8 +11,16 @@ import math
 
 import torch
 import torch.nn.functional as F
+from fastreid.config import configurable
 from torch import nn
 
+from reidzoo.modeling.arguments import (
+    ArgumentError,
+    arguments_of,
+    check_choice,
+    config_keys,
+    read_keys,
+)
 from reidzoo.registry import STAGE_MODULE_REGISTRY
 
 TSAM_MODES = ("tsam", "fab", "seb")
@@ -95,19 +103,33 @@ class SEB(nn.Module):
 class TSAM(nn.Module):
     """Two-stage attention module (Eq. 14): F' = M_FAB(F) * F, F'' = M_SEB(F') * F'.
 
-    A plain multiplicative block (no residual), as in Fig. 6c.
+    A plain multiplicative block (no residual), as in Fig. 6c. Built from explicit arguments
+    (``TSAM(1024)`` after a ResNet-50 layer3, in a model of your own) or from a config,
+    ``TSAM(cfg, channels)`` (see :meth:`from_config`; how ``MODEL.BACKBONE.INSERTS:
+    ["layer3:PFETSAM"]`` builds it).
 
     Args:
-        channels (int): C.
+        channels (int): C, the channels of the map it follows.
         mode (str): "tsam" (FAB then SEB), "fab" or "seb" alone (Table I).
-        reduction (int): r.
+        reduction (int): r (FAB's and SEB's hidden width is C / r).
         init_bias (float): initial bias before each sigmoid.
+    Raises:
+        reidzoo.modeling.arguments.ArgumentError: a wrong value, naming the argument (built
+            from a config: a ``ValueError`` naming the config key).
     """
 
+    #: argument -> config key read by :meth:`from_config`
+    CONFIG_KEYS = {
+        "mode": "MODEL.PFE.TSAM_MODE",
+        "reduction": "MODEL.PFE.TSAM_REDUCTION",
+        "init_bias": "MODEL.PFE.TSAM_INIT_BIAS",
+    }
+
+    @configurable
     def __init__(self, channels, mode="tsam", reduction=16, init_bias=0.0):
+        self.check_arguments(arguments_of(locals()))
         super().__init__()
-        if mode not in TSAM_MODES:
-            raise ValueError(f"MODEL.PFE.TSAM_MODE={mode!r}; expected one of {TSAM_MODES}")
+        reduction, init_bias = int(reduction), float(init_bias)
         self.mode = mode
         self.fab = FAB(channels, reduction, init_bias) if mode in ("tsam", "fab") else None
         self.seb = SEB(channels, reduction, init_bias) if mode in ("tsam", "seb") else None
@@ -123,6 +145,39 @@ class TSAM(nn.Module):
             x = self.seb(x)
         return x
 
+    @classmethod
+    def from_config(cls, cfg, channels):
+        """Constructor arguments from ``cfg.MODEL.PFE`` (the keys of :attr:`CONFIG_KEYS`).
+
+        Args:
+            cfg (CfgNode): root config.
+            channels (int): the channels of the map the block follows.
+        Returns:
+            dict: keyword arguments of ``__init__``.
+        Raises:
+            ValueError: a wrong value, naming its key.
+        """
+        args = {"channels": channels, **read_keys(cfg, cls.CONFIG_KEYS)}
+        with config_keys(cls.CONFIG_KEYS):
+            cls.check_arguments(args)
+        return args
+
+    @staticmethod
+    def check_arguments(args):
+        """Check the constructor's arguments (both construction paths run it).
+
+        Args:
+            args (dict): every argument of ``__init__``, by name.
+        Raises:
+            reidzoo.modeling.arguments.ArgumentError: naming the argument at fault.
+        """
+        check_choice("TSAM", "mode", args["mode"], TSAM_MODES)
+        for name in ("channels", "reduction"):
+            if not isinstance(args[name], int) or args[name] < 1:
+                raise ArgumentError("TSAM", {name: args[name]}, "expected an integer >= 1")
+        if not isinstance(args["init_bias"], (int, float)):
+            raise ArgumentError("TSAM", {"init_bias": args["init_bias"]}, "expected a number")
+
 
 @STAGE_MODULE_REGISTRY.register()
 def PFETSAM(cfg, stage, channels):
@@ -135,8 +190,7 @@ def PFETSAM(cfg, stage, channels):
     Returns:
         TSAM
     """
-    p = cfg.MODEL.PFE
-    return TSAM(channels, p.TSAM_MODE, int(p.TSAM_REDUCTION), float(p.TSAM_INIT_BIAS))
+    return TSAM(cfg, channels)
 
 
 # ------------------------------------------------------------------------------ MFA (§IV-B)
