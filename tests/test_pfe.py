@@ -24,10 +24,9 @@ from reidzoo.projects.pfe.meta_arch import bnneck, classifier
 
 from reidzoo import complexity
 from reidzoo.config import setup_cfg
-from tests.helpers import (
+from tests.conftest import (
     REPO,
     TINY_SYNTH,
-    cpu_cfg,
     evaluate_on_training_ids,
     fix_batch,
     run_steps,
@@ -43,7 +42,8 @@ CI2 = os.path.join(CONFIGS, "PFE_R18_synthetic_ci_stage2.yml")
 
 
 def _cfg(config, *opts):
-    return cpu_cfg(config, *opts, weights="")
+    opts = ["MODEL.DEVICE", "cpu", "MODEL.BACKBONE.PRETRAIN", "False", "MODEL.WEIGHTS", "", *opts]
+    return setup_cfg(config, opts, freeze=False)
 
 
 # ------------------------------------------------------------------------ TSAM (§IV-C, Eq. 14)
