@@ -245,9 +245,9 @@ def test_alternatives_switchable_and_shape_correct(mix, choice):
 def test_batch_drop_mask_and_bad_switches():
     mask = batch_drop_mask(4, 24, 8, 0.3, 1.0)
     assert (mask == 0).sum(dim=(1, 2, 3)).tolist() == [7 * 8] * 4
-    with pytest.raises(ValueError, match="MODEL.PMM.MIX"):
+    with pytest.raises(ValueError, match="FeatureMix: mode='mixup'"):
         FeatureMix("mixup", "attentive", (3, 2), 3)
-    with pytest.raises(ValueError, match="BLOCK_CHOICE"):
+    with pytest.raises(ValueError, match="FeatureMix: block_choice='top'"):
         FeatureMix("hard_mix", "top", (3, 2), 3)
 
 

@@ -129,14 +129,7 @@ class PMM(ReidMetaArch):
         dims = [dim, dim, dim] if self.layout == "pmm" else [dim, int(p.BDB_PART_DIM)]
         self.heads = PMMHeads(channels, dims, int(cfg.MODEL.HEADS.NUM_CLASSES),
                               cfg.MODEL.BACKBONE.NORM)  # fmt: skip
-        self.mix = FeatureMix(
-            p.MIX,
-            p.BLOCK_CHOICE,
-            tuple(p.BLOCK_GRID),
-            int(p.TOPK),
-            (p.BDB_HEIGHT_RATIO, p.BDB_WIDTH_RATIO),
-            p.CUTMIX_ALPHA,
-        )
+        self.mix = FeatureMix(cfg)
         self.image_mix = build_image_mix(cfg)  # image-level Table 3 rows (None: off)
         if self.image_mix is not None and self.mix.mixes_labels:
             raise ValueError(

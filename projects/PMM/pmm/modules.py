@@ -13,7 +13,16 @@ Every function here is used in training only; none of them is part of the eval g
 """
 
 import torch
+from fastreid.config import configurable
 from torch import nn
+
+from reidzoo.modeling.arguments import (
+    ArgumentError,
+    arguments_of,
+    check_choice,
+    config_keys,
+    read_keys,
+)
 
 #: The paper's block grid: its 24 x 8 map (384 x 128, stride 16) cut into 3 x 2 blocks.
 PAPER_BLOCK_GRID = (24 // 3, 8 // 2)
@@ -247,37 +256,92 @@ class FeatureMix(nn.Module):
     fixed ``block_grid`` (block size derived from the map by :func:`grid_block_size`), so K
     blocks are always ``topk / (rows cols)`` of it.
 
+    Built from explicit arguments (``FeatureMix()`` is the paper's attentive Hard-Mix of the 3
+    most salient of 8 x 4 blocks, for a model of your own) or from a config,
+    ``FeatureMix(cfg)`` (see :meth:`from_config`; how the ``PMM`` model builds it).
+
     Args:
         mode (str): "hard_mix", "cutout", "cutmix", "attentive_cutmix", "bdb" or "none".
         block_choice (str): "attentive" or "random" (hard_mix and cutout).
         block_grid (tuple[int, int]): number of block rows and columns (paper: 8 x 4).
-        topk (int): K.
-        bdb_ratios (tuple[float, float]): BDB's (height, width) ratios.
+        topk (int): K, 0..rows x cols.
+        bdb_ratios (tuple[float, float]): BDB's (height, width) ratios, each in (0, 1].
         cutmix_alpha (float): CutMix's Beta parameter.
+    Raises:
+        reidzoo.modeling.arguments.ArgumentError: a wrong value, naming the argument (built
+            from a config: a ``ValueError`` naming the config key).
     """
 
     MODES = ("hard_mix", "cutout", "cutmix", "attentive_cutmix", "bdb", "none")
     CHOICES = ("attentive", "random")
     BLOCK_MODES = ("hard_mix", "cutout", "attentive_cutmix")
+    #: argument -> config key read by :meth:`from_config`
+    CONFIG_KEYS = {
+        "mode": "MODEL.PMM.MIX",
+        "block_choice": "MODEL.PMM.BLOCK_CHOICE",
+        "block_grid": "MODEL.PMM.BLOCK_GRID",
+        "topk": "MODEL.PMM.TOPK",
+        "cutmix_alpha": "MODEL.PMM.CUTMIX_ALPHA",
+    }
+    #: ``bdb_ratios`` comes from two keys
+    BDB_KEYS = ("MODEL.PMM.BDB_HEIGHT_RATIO", "MODEL.PMM.BDB_WIDTH_RATIO")
 
-    def __init__(self, mode, block_choice, block_grid=PAPER_BLOCK_GRID, topk=3,
-                 bdb_ratios=(0.33, 1.0), cutmix_alpha=1.0):  # fmt: skip
+    @configurable
+    def __init__(self, mode="hard_mix", block_choice="attentive", block_grid=PAPER_BLOCK_GRID,
+                 topk=3, bdb_ratios=(0.33, 1.0), cutmix_alpha=1.0):  # fmt: skip
+        self.check_arguments(arguments_of(locals()))
         super().__init__()
-        if mode not in self.MODES:
-            raise ValueError(f"MODEL.PMM.MIX={mode!r}; expected one of {self.MODES}")
-        if block_choice not in self.CHOICES:
-            raise ValueError(
-                f"MODEL.PMM.BLOCK_CHOICE={block_choice!r}; expected one of {self.CHOICES}"
-            )
-        if len(block_grid) != 2 or min(int(v) for v in block_grid) < 1:
-            raise ValueError(f"MODEL.PMM.BLOCK_GRID={list(block_grid)}; expected [rows, cols] >= 1")
         self.mode, self.block_choice = mode, block_choice
         self.block_grid = (int(block_grid[0]), int(block_grid[1]))
         self.topk = int(topk)
-        if self.mode in self.BLOCK_MODES and not 0 <= self.topk <= self.num_blocks:
-            raise ValueError(f"MODEL.PMM.TOPK={topk}; expected 0..{self.num_blocks} blocks")
         self.bdb_ratios = (float(bdb_ratios[0]), float(bdb_ratios[1]))
         self.cutmix_alpha = float(cutmix_alpha)
+
+    @classmethod
+    def from_config(cls, cfg):
+        """Constructor arguments from ``cfg.MODEL.PMM`` (:attr:`CONFIG_KEYS`, :attr:`BDB_KEYS`).
+
+        Args:
+            cfg (CfgNode): root config.
+        Returns:
+            dict: keyword arguments of ``__init__``.
+        Raises:
+            ValueError: a wrong value, naming its key.
+        """
+        args = read_keys(cfg, cls.CONFIG_KEYS)
+        bdb = read_keys(cfg, {"height": cls.BDB_KEYS[0], "width": cls.BDB_KEYS[1]})
+        args["bdb_ratios"] = [bdb["height"], bdb["width"]]
+        keys = {**cls.CONFIG_KEYS, "bdb_ratios": "MODEL.PMM.BDB_HEIGHT_RATIO/BDB_WIDTH_RATIO"}
+        with config_keys(keys):
+            cls.check_arguments(args)
+        return args
+
+    @classmethod
+    def check_arguments(cls, args):
+        """Check the constructor's arguments (both construction paths run it).
+
+        Args:
+            args (dict): every argument of ``__init__``, by name.
+        Raises:
+            reidzoo.modeling.arguments.ArgumentError: naming the argument at fault.
+        """
+        own = "FeatureMix"
+        check_choice(own, "mode", args["mode"], cls.MODES)
+        check_choice(own, "block_choice", args["block_choice"], cls.CHOICES)
+        grid = args["block_grid"]
+        if len(grid) != 2 or any(not isinstance(v, int) or v < 1 for v in grid):
+            raise ArgumentError(own, {"block_grid": grid}, "expected [rows, cols], both >= 1")
+        blocks = grid[0] * grid[1]
+        topk = args["topk"]
+        if not isinstance(topk, int) or (args["mode"] in cls.BLOCK_MODES and
+                                         not 0 <= topk <= blocks):  # fmt: skip
+            raise ArgumentError(own, {"topk": topk}, f"expected 0..{blocks} blocks")
+        ratios = args["bdb_ratios"]
+        if len(ratios) != 2 or any(not isinstance(v, (int, float)) or not 0 < v <= 1
+                                   for v in ratios):  # fmt: skip
+            raise ArgumentError(own, {"bdb_ratios": ratios}, "expected (height, width) in (0, 1]")
+        if not isinstance(args["cutmix_alpha"], (int, float)) or args["cutmix_alpha"] < 0:
+            raise ArgumentError(own, {"cutmix_alpha": args["cutmix_alpha"]}, "expected >= 0")
 
     @property
     def num_blocks(self):
