@@ -155,7 +155,7 @@ class RMGL(ReidMetaArch):
         self.rp_index = 0 if r.RP_POSITION == "input" else names.index(r.RP_POSITION) + 1
 
         self.abp = nn.ModuleList(
-            ActivationBalancedPooling(k, r.ABP_POOL, r.ABP_TIES) if k > 1 else nn.Identity()
+            ActivationBalancedPooling(cfg, k) if k > 1 else nn.Identity()
             for k in self.granularities
         )
         channels = backbone.channels["layer4"]

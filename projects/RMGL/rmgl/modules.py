@@ -6,7 +6,16 @@ no tensor-valued slicing, and the batch axis is only ever reshaped with ``-1``.
 """
 
 import torch
+from fastreid.config import configurable
 from torch import nn
+
+from reidzoo.modeling.arguments import (
+    ArgumentError,
+    arguments_of,
+    check_choice,
+    config_keys,
+    read_keys,
+)
 
 POOLS = ("max", "avg")
 #: How ABP counts a channel whose spatial maximum is tied (:func:`channel_peaks`).
@@ -218,21 +227,62 @@ def uniform_stripe_pool(x, parts, mode="max"):
 class ActivationBalancedPooling(nn.Module):
     """ABP (§III-C): stripes with balanced numbers of channel maxima (Eq. 8-10), then pooled.
 
+    No parameters: it pools any [N, C, H, W] map, e.g. the last map of a model of your own
+    (``ActivationBalancedPooling(3)``: 3 stripes, max pooling). From a config,
+    ``ActivationBalancedPooling(cfg, parts)`` (see :meth:`from_config`; how the ``RMGL``
+    model builds one per granularity).
+
     Args:
-        parts (int): n_s.
+        parts (int): n_s, the number of stripes (at most the map's height).
         mode (str): "max" (default, §III-A) or "avg" (Eq. 11).
         ties (str): "strict" (Eq. 8, default) or "first", see :func:`channel_peaks`.
+    Raises:
+        reidzoo.modeling.arguments.ArgumentError: a wrong value, naming the argument (built
+            from a config: a ``ValueError`` naming the config key).
     """
 
+    #: argument -> config key read by :meth:`from_config`
+    CONFIG_KEYS = {"mode": "MODEL.RMGL.ABP_POOL", "ties": "MODEL.RMGL.ABP_TIES"}
+
+    @configurable
     def __init__(self, parts, mode="max", ties="strict"):
+        self.check_arguments(arguments_of(locals()))
         super().__init__()
-        if mode not in POOLS:
-            raise ValueError(f"MODEL.RMGL.ABP_POOL={mode!r}; expected one of {POOLS}")
-        if ties not in TIES:
-            raise ValueError(f"MODEL.RMGL.ABP_TIES={ties!r}; expected one of {TIES}")
         self.parts = int(parts)
         self.mode = mode
         self.ties = ties
+
+    @classmethod
+    def from_config(cls, cfg, parts):
+        """Constructor arguments from ``cfg.MODEL.RMGL`` (the keys of :attr:`CONFIG_KEYS`).
+
+        Args:
+            cfg (CfgNode): root config.
+            parts (int): n_s, one of ``MODEL.RMGL.GRANULARITIES``.
+        Returns:
+            dict: keyword arguments of ``__init__``.
+        Raises:
+            ValueError: a wrong value, naming its key.
+        """
+        args = {"parts": parts, **read_keys(cfg, cls.CONFIG_KEYS)}
+        with config_keys(cls.CONFIG_KEYS):
+            cls.check_arguments(args)
+        return args
+
+    @staticmethod
+    def check_arguments(args):
+        """Check the constructor's arguments (both construction paths run it).
+
+        Args:
+            args (dict): every argument of ``__init__``, by name.
+        Raises:
+            reidzoo.modeling.arguments.ArgumentError: naming the argument at fault.
+        """
+        own = "ActivationBalancedPooling"
+        if not isinstance(args["parts"], int) or args["parts"] < 1:
+            raise ArgumentError(own, {"parts": args["parts"]}, "expected an integer >= 1")
+        check_choice(own, "mode", args["mode"], POOLS)
+        check_choice(own, "ties", args["ties"], TIES)
 
     def forward(self, x):
         """Args:
