@@ -6,17 +6,9 @@ from fastreid.modeling.backbones import build_resnet_backbone
 from fastreid.modeling.meta_arch import build_model
 from torch import nn
 
-from reidzoo.config import get_cfg
 from reidzoo.modeling import StagedResNet, build_staged_resnet, load_pretrained, set_stage_stride
 from reidzoo.registry import STAGE_MODULE_REGISTRY
-
-
-def _cfg(**kw):
-    cfg = get_cfg()
-    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.BACKBONE.PRETRAIN", False])
-    for k, v in kw.items():
-        cfg.merge_from_list([k, v])
-    return cfg
+from tests.helpers import cpu_cfg
 
 
 class _Scale(nn.Module):
@@ -35,7 +27,7 @@ if "ZooTestScale" not in STAGE_MODULE_REGISTRY._obj_map:
 
 @pytest.mark.parametrize("with_nl", [False, True])
 def test_same_weights_same_output_as_fastreid(with_nl):
-    cfg = _cfg(**{"MODEL.BACKBONE.WITH_NL": with_nl})
+    cfg = cpu_cfg(**{"MODEL.BACKBONE.WITH_NL": with_nl})
     torch.manual_seed(0)
     ref = build_resnet_backbone(cfg).eval()
     ours = build_staged_resnet(cfg).eval()
@@ -63,7 +55,7 @@ def test_partial_forward_stops_early():
 
 
 def test_inserts_by_config_inside_fastreid_baseline():
-    cfg = _cfg(
+    cfg = cpu_cfg(
         **{
             "MODEL.BACKBONE.NAME": "build_staged_resnet_backbone",
             "MODEL.BACKBONE.DEPTH": "18x",
@@ -99,7 +91,7 @@ def test_pretrained_from_local_path(tmp_path, caplog):
     assert report["unexpected"] == ["fc.weight"] and report["missing"] == []
     assert torch.equal(dst.conv1.weight, src.conv1.weight)
     assert "fc.weight" in caplog.text
-    cfg = _cfg(**{"MODEL.BACKBONE.PRETRAIN": True, "MODEL.BACKBONE.DEPTH": "18x"})
+    cfg = cpu_cfg(**{"MODEL.BACKBONE.PRETRAIN": True, "MODEL.BACKBONE.DEPTH": "18x"})
     cfg.MODEL.BACKBONE.PRETRAIN_PATH = str(tmp_path / "nope.pth")
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         build_staged_resnet(cfg)

@@ -13,7 +13,6 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, tiny_cfg, write_market
 from PIL import Image, ImageFile
 
 from reidzoo.data import images
@@ -30,6 +29,7 @@ from reidzoo.data.images import (
     find_unreadable,
     read_image,
 )
+from tests.helpers import REPO, tiny_cfg, write_market
 
 H, W = 64, 32  # tiny_cfg's image size
 
@@ -426,8 +426,8 @@ def test_two_identities_are_refused_at_trainer_construction(tmp_path):
     script = textwrap.dedent(
         f"""
         import sys
-        sys.path.insert(0, {os.path.join(REPO, "tests")!r})
-        from conftest import tiny_cfg
+        sys.path.insert(0, {REPO!r})
+        from tests.helpers import tiny_cfg
         from reidzoo.engine import ReidTrainer
         ReidTrainer(tiny_cfg({root!r}, {str(tmp_path / "out")!r}))
         print("constructed")

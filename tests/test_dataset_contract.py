@@ -124,7 +124,7 @@ def test_real_data_runner_takes_any_registered_dataset(tmp_path):
     import importlib.util
     import json
 
-    from tests.conftest import REPO
+    from tests.helpers import REPO
 
     spec = importlib.util.spec_from_file_location(
         "reidzoo_benchmarks_real_data_contract", os.path.join(REPO, "benchmarks", "real_data.py")

@@ -20,9 +20,7 @@ from reidzoo.data.datasets import (
 from reidzoo.data.small import add_split_config
 from reidzoo.data.synthetic import add_synthetic_config
 from reidzoo.registry import DATASET_REGISTRY
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_DATA = os.environ.get("REIDZOO_SHARED_DATA", os.path.join(REPO, "..", "shared", "data"))
+from tests.helpers import SHARED_DATA
 
 # registry name, class, folder, identities, pid digits, camera digits
 REAL = {

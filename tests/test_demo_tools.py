@@ -5,7 +5,7 @@ import os
 import re
 
 from reidzoo import complexity, export
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 DEMO = os.path.join(REPO, "configs", "Demo", "bagtricks_R18_synthetic.yml")
 

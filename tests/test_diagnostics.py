@@ -15,7 +15,7 @@ from torch.distributions import Categorical
 from reidzoo.config import setup_cfg
 from reidzoo.engine.diagnostics import TrainingDiagnostics
 from reidzoo.modeling.diagnostics import entropy_rows, mean_feature_norm, reduce_record
-from tests.conftest import REPO, TINY_SYNTH
+from tests.helpers import REPO, TINY_SYNTH
 
 PAN_CI = os.path.join(REPO, "projects", "PAN", "configs", "PAN_R18_synthetic_ci.yml")
 IANET_CI = os.path.join(REPO, "projects", "IANet", "configs", "IANet_R18_synthetic_ci.yml")

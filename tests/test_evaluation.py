@@ -25,7 +25,7 @@ from reidzoo.evaluation import (
     rank_features,
 )
 from reidzoo.evaluation import chunked as chunked_mod
-from tests.conftest import tiny_cfg
+from tests.helpers import cpu_cfg, tiny_cfg
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -226,11 +226,7 @@ def test_block_memory_is_bounded(monkeypatch):
 # the evaluator
 # ------------------------------------------------------------------------------------------
 def _cfg(**overrides):
-    cfg = get_cfg()
-    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "TEST.EVALUATOR", "ChunkedReidEvaluator"])
-    for k, v in overrides.items():
-        cfg.merge_from_list([k, v])
-    return cfg
+    return cpu_cfg(**{"TEST.EVALUATOR": "ChunkedReidEvaluator", **overrides})
 
 
 def _feed(evaluators, feats, pids, camids, batch=50):

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO
-from tests.test_packaging import _bare_venv, _purelib, _site_packages
+from tests.helpers import REPO, bare_venv, purelib, site_packages
 
 EXAMPLE = os.path.join(REPO, "examples", "reidzoo-example-dataset")
 
@@ -64,12 +63,12 @@ print(json.dumps(out))
 
 def _venv_seeing_this_env(path):
     """A venv whose interpreter also sees this environment's packages, editable reidzoo
-    included, and installs into its own site-packages: test_packaging's bare venv plus a .pth
+    included, and installs into its own site-packages: helpers' bare venv plus a .pth
     that runs ``site.addsitedir`` on this environment's site-packages, which processes the .pth
     files there (the editable install's among them)."""
-    py = _bare_venv(path)
-    with open(os.path.join(_purelib(py), "zz_parent_env_processed.pth"), "w") as f:
-        f.write(f"import site; site.addsitedir({_site_packages()!r})\n")
+    py = bare_venv(path)
+    with open(os.path.join(purelib(py), "zz_parent_env_processed.pth"), "w") as f:
+        f.write(f"import site; site.addsitedir({site_packages()!r})\n")
     return py
 
 

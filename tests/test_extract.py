@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, tiny_cfg, write_market
 from PIL import Image
 
 import reidzoo
@@ -17,6 +16,7 @@ from reidzoo import extract
 from reidzoo.checkpoint import CheckpointMismatchError
 from reidzoo.inference import FeatureExtractor, registered_models
 from reidzoo.modeling.build import build_eval_model
+from tests.helpers import REPO, tiny_cfg, write_market
 
 SIZE = (64, 32)  # INPUT.SIZE_TEST of tiny_cfg
 

@@ -25,10 +25,11 @@ from reidzoo.projects.ianet.fused import (
 from reidzoo.projects.ianet.ia import location_logits
 
 from reidzoo import complexity
-from reidzoo.config import get_cfg, setup_cfg
-from tests.conftest import (
+from reidzoo.config import setup_cfg
+from tests.helpers import (
     REPO,
     TINY_SYNTH,
+    cpu_cfg,
     evaluate_on_training_ids,
     fix_batch,
     run_steps,
@@ -302,12 +303,7 @@ def test_relations_in_fp32_under_autocast():
 
 
 def _cfg(*opts):
-    cfg = get_cfg()
-    cfg.merge_from_list(
-        ["MODEL.DEVICE", "cpu", "MODEL.BACKBONE.PRETRAIN", False, "MODEL.HEADS.NUM_CLASSES", 5]
-        + list(opts)
-    )
-    return cfg
+    return cpu_cfg(None, *opts, num_classes=5)
 
 
 def test_ia_blocks_in_fastreid_baseline_and_mgn():

@@ -16,9 +16,9 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TINY_SYNTH
 
 from reidzoo.config import setup_cfg
+from tests.helpers import REPO, TINY_SYNTH
 
 CONFIGS = {
     "IANet": ["IANet/configs/IANet_R18_synthetic_ci.yml"],

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_cfg
 from PIL import Image
 
 from reidzoo.inference import FeatureExtractor
 from reidzoo.integrations import BoxMOTReID
+from tests.helpers import tiny_cfg
 
 SIZE = (64, 32)  # INPUT.SIZE_TEST of tiny_cfg
 

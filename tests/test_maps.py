@@ -26,7 +26,7 @@ from reidzoo.visualize.overlay import (
     select_producers,
     upsample_map,
 )
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 PROJECTS = os.path.join(REPO, "projects")
 IANET_CI = os.path.join(PROJECTS, "IANet", "configs", "IANet_R18_synthetic_ci.yml")

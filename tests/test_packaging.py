@@ -6,12 +6,11 @@ import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 import zipfile
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers import REPO, bare_venv, purelib
 
 PROBE = (
     "import importlib.metadata as m, reidzoo, reidzoo.projects.toy_pkg as t, "
@@ -34,10 +33,6 @@ def repo_with_toy_project(tmp_path_factory):
     return dst
 
 
-def _site_packages():
-    return sysconfig.get_paths()["purelib"]
-
-
 def _pip(*args, python=sys.executable):
     cmd = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
     if python != sys.executable:
@@ -45,22 +40,6 @@ def _pip(*args, python=sys.executable):
     r = subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     return r
-
-
-def _bare_venv(path):
-    """A venv that sees this environment's third-party packages (torch, fastreid) but not
-    its editable reidzoo: its .pth adds the site-packages folder without processing it."""
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True)
-    py = str(path / "bin" / "python")
-    purelib = subprocess.run(
-        [py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    with open(os.path.join(purelib, "zz_parent_env.pth"), "w") as f:
-        f.write(_site_packages() + "\n")
-    return py
 
 
 def _probe(py, cwd):
@@ -90,7 +69,7 @@ def test_wheel_contains_mapped_project(repo_with_toy_project, tmp_path):
 
 @pytest.mark.parametrize("editable", [False, True], ids=["regular", "editable"])
 def test_install_imports_from_any_directory(repo_with_toy_project, tmp_path, editable):
-    py = _bare_venv(tmp_path / "venv")
+    py = bare_venv(tmp_path / "venv")
     src = str(repo_with_toy_project)
     _pip(
         "install",
@@ -112,19 +91,10 @@ def test_install_imports_from_any_directory(repo_with_toy_project, tmp_path, edi
     # model names: an editable install reads the repository's configs where they are edited,
     # a regular one the copy it ships (see test_wheel_install_resolves_model_names)
     listed = _list_models(py, str(elsewhere))
-    root = src if editable else os.path.join(_purelib(py), "reidzoo", "shipped_configs")
+    root = src if editable else os.path.join(purelib(py), "reidzoo", "shipped_configs")
     assert listed["ianet-market1501"] == os.path.join(
         root, "projects", "IANet", "configs", "IANet_R50_Market1501.yml"
     )
-
-
-def _purelib(py):
-    return subprocess.run(
-        [py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
 
 
 def _list_models(py, cwd):
@@ -180,14 +150,14 @@ def test_wheel_install_resolves_model_names(repo_with_toy_project, tmp_path):
     ):
         assert shipped + rel in names, rel
 
-    py = _bare_venv(tmp_path / "venv")
+    py = bare_venv(tmp_path / "venv")
     _pip("install", "--no-deps", "--no-build-isolation", wheel, python=py)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     listed = _list_models(py, str(elsewhere))
     expected = registered_models(src)
     assert listed.keys() == expected.keys() and "ianet-market1501" in listed
-    root = os.path.join(_purelib(py), "reidzoo", "shipped_configs")
+    root = os.path.join(purelib(py), "reidzoo", "shipped_configs")
     for name, path in listed.items():
         assert os.path.isfile(path), name
         assert os.path.relpath(path, root) == os.path.relpath(expected[name], src), name

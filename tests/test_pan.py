@@ -12,9 +12,10 @@ from reidzoo.projects.pan.modules import ConvConnection, grid_resampler, pool_wi
 
 from reidzoo import complexity
 from reidzoo.config import get_cfg, setup_cfg
-from tests.conftest import (
+from tests.helpers import (
     REPO,
     TINY_SYNTH,
+    cpu_cfg,
     evaluate_on_training_ids,
     fix_batch,
     run_steps,
@@ -175,9 +176,7 @@ def test_fp32_under_autocast():
 
 
 def _cfg(config, *opts):
-    opts = ["MODEL.BACKBONE.PRETRAIN", "False", "MODEL.DEVICE", "cpu",
-            "MODEL.HEADS.NUM_CLASSES", "751", *opts]  # fmt: skip
-    return setup_cfg(config, opts, freeze=False)
+    return cpu_cfg(config, *opts, num_classes=751)
 
 
 def test_full_model_shapes_and_heads_lr():

@@ -13,7 +13,7 @@ import pytest
 from reidzoo.config import setup_cfg
 from reidzoo.engine import ReidTrainer
 from reidzoo.schedule import schedule_table
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 #: Training images of fast-reid's loaders (CUHK03: new 767/700 protocol, by box type).
 TRAIN_IMAGES = {

@@ -24,9 +24,10 @@ from reidzoo.projects.pfe.meta_arch import bnneck, classifier
 
 from reidzoo import complexity
 from reidzoo.config import setup_cfg
-from tests.conftest import (
+from tests.helpers import (
     REPO,
     TINY_SYNTH,
+    cpu_cfg,
     evaluate_on_training_ids,
     fix_batch,
     run_steps,
@@ -42,8 +43,7 @@ CI2 = os.path.join(CONFIGS, "PFE_R18_synthetic_ci_stage2.yml")
 
 
 def _cfg(config, *opts):
-    opts = ["MODEL.DEVICE", "cpu", "MODEL.BACKBONE.PRETRAIN", "False", "MODEL.WEIGHTS", "", *opts]
-    return setup_cfg(config, opts, freeze=False)
+    return cpu_cfg(config, *opts, weights="")
 
 
 # ------------------------------------------------------------------------ TSAM (§IV-C, Eq. 14)

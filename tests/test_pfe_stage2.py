@@ -10,7 +10,7 @@ from fastreid.modeling.meta_arch import build_model
 from reidzoo.projects.pfe import region_overlap_loss
 
 from reidzoo.config import setup_cfg
-from tests.conftest import REPO, TINY_SYNTH, fix_batch, run_steps
+from tests.helpers import REPO, TINY_SYNTH, cpu_cfg, fix_batch, run_steps
 
 CONFIGS = os.path.join(REPO, "projects", "PFE", "configs")
 CI1 = os.path.join(CONFIGS, "PFE_R18_synthetic_ci_stage1.yml")
@@ -18,8 +18,7 @@ CI2 = os.path.join(CONFIGS, "PFE_R18_synthetic_ci_stage2.yml")
 
 
 def _cfg(config, *opts):
-    opts = ["MODEL.DEVICE", "cpu", "MODEL.BACKBONE.PRETRAIN", "False", "MODEL.WEIGHTS", "", *opts]
-    return setup_cfg(config, opts, freeze=False)
+    return cpu_cfg(config, *opts, weights="")
 
 
 def _stage1_checkpoint(tmp_path, *opts):

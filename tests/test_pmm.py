@@ -27,9 +27,10 @@ from reidzoo.projects.pmm import (
 
 from reidzoo import complexity
 from reidzoo.config import setup_cfg
-from tests.conftest import (
+from tests.helpers import (
     REPO,
     TINY_SYNTH,
+    cpu_cfg,
     evaluate_on_training_ids,
     fix_batch,
     run_steps,
@@ -43,14 +44,9 @@ BDB = os.path.join(CONFIGS, "ablations", "bdb_layout.yml")
 CI = os.path.join(CONFIGS, "PMM_R18_synthetic_ci.yml")
 
 
-def _cfg(config, *opts):
-    opts = ["MODEL.DEVICE", "cpu", "MODEL.BACKBONE.PRETRAIN", "False", *opts]
-    return setup_cfg(config, opts, freeze=False)
-
-
 def _ci_model(*opts, classes=6):
     torch.manual_seed(0)
-    cfg = _cfg(CI, "MODEL.HEADS.NUM_CLASSES", str(classes), *opts)
+    cfg = cpu_cfg(CI, "MODEL.HEADS.NUM_CLASSES", str(classes), *opts)
     return build_model(cfg).train()
 
 
@@ -302,7 +298,7 @@ def test_feature_map_size_is_the_backbones(depth, size, layer3):
     opts = ["MODEL.BACKBONE.DEPTH", depth, "MODEL.BACKBONE.FEAT_DIM", "2048" if depth == "50x"
             else "512", "MODEL.PMM.LAYER3_STRIDE", str(layer3), "MODEL.PMM.MIX", "none",
             "MODEL.HEADS.NUM_CLASSES", "4"]  # fmt: skip
-    model = build_model(_cfg(CI, *opts)).eval()
+    model = build_model(cpu_cfg(CI, *opts)).eval()
     with torch.no_grad():
         x, xp = model.trunk(torch.zeros(1, 3, *size))
     assert model.feature_map_size(size) == tuple(x.shape[2:]) == tuple(xp.shape[2:])
@@ -312,7 +308,7 @@ def test_feature_map_size_is_the_backbones(depth, size, layer3):
 def test_every_shipped_config_mixes_the_papers_fraction(config):
     """Build the config's model, take its map size at INPUT.SIZE_TRAIN and measure what its
     own mixing module replaces: the paper's K / 32 for every block-based mode."""
-    cfg = _cfg(config, "MODEL.HEADS.NUM_CLASSES", "4")
+    cfg = cpu_cfg(config, "MODEL.HEADS.NUM_CLASSES", "4")
     torch.manual_seed(0)
     model = build_model(cfg).train()
     dataset = cfg.DATASETS.NAMES[0]
@@ -363,24 +359,24 @@ def _fractions(mixed, original, mask, index):
 def test_geometry_that_cannot_mix_the_fraction_is_refused():
     size = ["INPUT.SIZE_TRAIN", "[96, 32]", "INPUT.SIZE_TEST", "[96, 32]"]
     with pytest.raises(ValueError) as e:
-        build_model(_cfg(CI, "MODEL.HEADS.NUM_CLASSES", "4", *size))
+        build_model(cpu_cfg(CI, "MODEL.HEADS.NUM_CLASSES", "4", *size))
     for part in ("MODEL.PMM.BLOCK_GRID=[8, 4]", "6x2 feature map", "INPUT.SIZE_TRAIN=[96, 32]",
                  "MODEL.PMM.LAYER3_STRIDE=2", "MODEL.BACKBONE.LAST_STRIDE=1"):  # fmt: skip
         assert part in str(e.value), str(e.value)
-    build_model(_cfg(CI, "MODEL.HEADS.NUM_CLASSES", "4", "MODEL.PMM.MIX", "none", *size))
-    build_model(_cfg(CI, "MODEL.HEADS.NUM_CLASSES", "4", "MODEL.PMM.MIX", "bdb", *size))
+    build_model(cpu_cfg(CI, "MODEL.HEADS.NUM_CLASSES", "4", "MODEL.PMM.MIX", "none", *size))
+    build_model(cpu_cfg(CI, "MODEL.HEADS.NUM_CLASSES", "4", "MODEL.PMM.MIX", "bdb", *size))
     with pytest.raises(ValueError, match=r"BLOCK_SIZE=\[3, 2\].*into \[1, 1\] blocks"):
-        build_model(_cfg(CI, "MODEL.HEADS.NUM_CLASSES", "4", "MODEL.PMM.BLOCK_SIZE", "[3, 2]"))
-    model = build_model(_cfg(MARKET, "MODEL.HEADS.NUM_CLASSES", "4", "MODEL.PMM.BLOCK_SIZE",
-                             "[3, 2]"))  # fmt: skip  # a fixed size that matches still loads
+        build_model(cpu_cfg(CI, "MODEL.HEADS.NUM_CLASSES", "4", "MODEL.PMM.BLOCK_SIZE", "[3, 2]"))
+    model = build_model(cpu_cfg(MARKET, "MODEL.HEADS.NUM_CLASSES", "4", "MODEL.PMM.BLOCK_SIZE",
+                                "[3, 2]"))  # fmt: skip  # a fixed size that matches still loads
     assert model.mix.block_size(24, 8) == (3, 2)
     with pytest.raises(ValueError, match="MODEL.PMM.TOPK=33"):
-        build_model(_cfg(CI, "MODEL.HEADS.NUM_CLASSES", "4", "MODEL.PMM.TOPK", "33"))
+        build_model(cpu_cfg(CI, "MODEL.HEADS.NUM_CLASSES", "4", "MODEL.PMM.TOPK", "33"))
     with pytest.raises(ValueError, match="does not divide the 8x6 feature map"):
         model.mix(torch.randn(2, 4, 8, 6), torch.rand(2, 8, 6), torch.tensor([0, 1]))
     image = ["MODEL.PMM.MIX", "none", "MODEL.PMM.IMAGE_MIX", "PMMImageAttentiveCutMix"]
     with pytest.raises(ValueError, match="6x2 feature map"):
-        build_model(_cfg(CI, "MODEL.HEADS.NUM_CLASSES", "4", *image, *size))
+        build_model(cpu_cfg(CI, "MODEL.HEADS.NUM_CLASSES", "4", *image, *size))
 
 
 # --------------------------------------------- image-level CutMix / A-CutMix (Table 1 and 3)
@@ -539,7 +535,7 @@ def test_eval_is_plain_and_deterministic():
 def market_counts():
     out = {}
     for name, path in (("pmm", MARKET), ("bdb", BDB)):
-        cfg = _cfg(path, "MODEL.HEADS.NUM_CLASSES", "751")
+        cfg = cpu_cfg(path, "MODEL.HEADS.NUM_CLASSES", "751")
         model = build_model(cfg).eval()
         out[name] = (model, complexity.count_complexity(model, (384, 128)))
     return out

@@ -8,8 +8,7 @@ import statistics
 import pytest
 
 from reidzoo.config import setup_cfg
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import REPO
 
 
 def _load():

@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from tests.conftest import REPO, tiny_cfg
+from tests.helpers import REPO, tiny_cfg
 
 # Random augmentations on, so that a replayed or shifted data stream would show.
 AUGMENTED = {

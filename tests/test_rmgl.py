@@ -25,9 +25,10 @@ from reidzoo.projects.rmgl.maps import argmax_counts
 
 from reidzoo import complexity
 from reidzoo.config import get_cfg, setup_cfg
-from tests.conftest import (
+from tests.helpers import (
     REPO,
     TINY_SYNTH,
+    cpu_cfg,
     evaluate_on_training_ids,
     fix_batch,
     run_steps,
@@ -264,14 +265,9 @@ def test_rsa_inside_fastreid_pipeline_for_baseline(tmp_path):
 # ----------------------------------------------------------------------- model and numbers
 
 
-def _cfg(config, *opts):
-    opts = ["MODEL.DEVICE", "cpu", "MODEL.BACKBONE.PRETRAIN", "False", *opts]
-    return setup_cfg(config, opts, freeze=False)
-
-
 @pytest.fixture(scope="module")
 def market_model():
-    cfg = _cfg(MARKET)
+    cfg = cpu_cfg(MARKET)
     # backbone + reductions, no classifiers (docs/decisions/rmgl.md#numbers)
     cfg.MODEL.HEADS.NUM_CLASSES = 0
     torch.manual_seed(0)
@@ -282,7 +278,7 @@ def test_receptive_field_is_363(market_model):
     assert isinstance(market_model, RMGL)
     for b in range(len(market_model.granularities)):
         assert receptive_field(market_model.path_modules(b)) == (363, 16)
-    cfg = _cfg(MARKET, "MODEL.RMGL.BRANCH_LAST_STRIDE", "2")
+    cfg = cpu_cfg(MARKET, "MODEL.RMGL.BRANCH_LAST_STRIDE", "2")
     assert receptive_field(build_model(cfg).path_modules(0)) == (427, 32)
 
 
@@ -292,14 +288,13 @@ def test_complexity_matches_spec_row3(market_model):
     assert abs(res["macs"] - 22.0e9) <= 0.05 * 22.0e9, res["macs"]
     heads = sum(p.numel() for p in market_model.heads.parameters())
     assert heads == 14 * (2048 * 256 + 2 * 256)  # 14 separate 1x1 conv + BN reductions
-    mgn = build_model(_cfg(MARKET, "MODEL.RMGL.SPLIT_AFTER", "layer3_0", "MODEL.HEADS.NUM_CLASSES",
-                           "0"))  # fmt: skip
+    mgn = build_model(cpu_cfg(MARKET, "MODEL.RMGL.SPLIT_AFTER", "layer3_0", num_classes=0))
     backbone = sum(p.numel() for n, p in mgn.named_parameters() if not n.startswith("heads."))
     assert abs(backbone - 44.06e6) <= 0.01e6 * 2  # docs/decisions/rmgl.md#numbers: MGN split
 
 
 def test_eval_feature_and_height_check():
-    cfg = _cfg(CI, "MODEL.HEADS.NUM_CLASSES", "5")
+    cfg = cpu_cfg(CI, "MODEL.HEADS.NUM_CLASSES", "5")
     model = build_model(cfg).eval()
     assert len(model.feature_names()) == 14
     images = torch.rand(2, 3, 96, 32) * 255
@@ -323,7 +318,7 @@ def test_eval_feature_and_height_check():
     ],
 )
 def test_switches(opts, count):
-    cfg = _cfg(CI, "MODEL.HEADS.NUM_CLASSES", "5", "INPUT.SIZE_TEST", "[96, 16]", *opts)
+    cfg = cpu_cfg(CI, "MODEL.HEADS.NUM_CLASSES", "5", "INPUT.SIZE_TEST", "[96, 16]", *opts)
     model = build_model(cfg).eval()
     h, w = cfg.INPUT.SIZE_TEST
     with torch.no_grad():
@@ -332,8 +327,8 @@ def test_switches(opts, count):
 
 
 def test_rp_position_input_equals_per_stripe_network():
-    cfg = _cfg(CI, "MODEL.HEADS.NUM_CLASSES", "5", "MODEL.RMGL.PATHS", "rp",
-               "MODEL.RMGL.RP_POSITION", "input", "MODEL.RMGL.GRANULARITIES", "[2]")  # fmt: skip
+    cfg = cpu_cfg(CI, "MODEL.HEADS.NUM_CLASSES", "5", "MODEL.RMGL.PATHS", "rp",
+                  "MODEL.RMGL.RP_POSITION", "input", "MODEL.RMGL.GRANULARITIES", "[2]")  # fmt: skip
     model = build_model(cfg).eval()
     x = torch.randn(2, 3, 96, 32)
     with torch.no_grad():
@@ -346,8 +341,8 @@ def test_rp_position_input_equals_per_stripe_network():
 def test_rp_position_stem_equals_per_stripe_network():
     """Fig. 9 "res2": the map fed into res_conv2 (stem output) is cut; each stripe then runs
     layer1 and the branch on its own."""
-    cfg = _cfg(CI, "MODEL.HEADS.NUM_CLASSES", "5", "MODEL.RMGL.PATHS", "rp",
-               "MODEL.RMGL.RP_POSITION", "stem", "MODEL.RMGL.GRANULARITIES", "[2]")  # fmt: skip
+    cfg = cpu_cfg(CI, "MODEL.HEADS.NUM_CLASSES", "5", "MODEL.RMGL.PATHS", "rp",
+                  "MODEL.RMGL.RP_POSITION", "stem", "MODEL.RMGL.GRANULARITIES", "[2]")  # fmt: skip
     model = build_model(cfg).eval()
     assert model.rp_index == 1  # after the stem segment
     x = torch.randn(2, 3, 96, 32)
@@ -383,7 +378,7 @@ def _flat(node, prefix=""):
 
 
 def _ablation(name):
-    return _flat(_cfg(os.path.join(ABLATIONS, name)))
+    return _flat(cpu_cfg(os.path.join(ABLATIONS, name)))
 
 
 def test_every_ablation_config_loads_and_builds_its_model():
@@ -393,7 +388,7 @@ def test_every_ablation_config_loads_and_builds_its_model():
     assert any(f.startswith("fig9_") for f in ABLATION_FILES)
     built = {}  # configs that differ only outside MODEL (e.g. Tab. VI's augmentations) share one
     for name in ABLATION_FILES:
-        cfg = _cfg(os.path.join(ABLATIONS, name), *TINY_RMGL)
+        cfg = cpu_cfg(os.path.join(ABLATIONS, name), *TINY_RMGL)
         assert cfg.MODEL.META_ARCHITECTURE == "RMGL", name
         for t in cfg.INPUT.TRANSFORMS:
             TRANSFORM_REGISTRY.get(t)  # KeyError naming the transform if it is not registered
@@ -407,7 +402,7 @@ def test_every_ablation_config_loads_and_builds_its_model():
         count = sum(1 if k == 1 else per_path * (1 + k) for k in r.GRANULARITIES)
         assert len(model.heads.reductions) == count, name
     # one forward: the new partition position (stem) with the finest Fig. 9 K
-    cfg = _cfg(os.path.join(ABLATIONS, "fig9_k6_res2.yml"), *TINY_RMGL)
+    cfg = cpu_cfg(os.path.join(ABLATIONS, "fig9_k6_res2.yml"), *TINY_RMGL)
     model = build_model(cfg).eval()
     with torch.no_grad():
         out = model(torch.rand(2, 3, 96, 32) * 255)  # 96 = 16 x 6: six aligned stripes

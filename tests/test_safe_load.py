@@ -9,13 +9,13 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_cfg, write_market
 from PIL import Image
 
 from reidzoo import checkpoint as ck
 from reidzoo.checkpoint import UnsafeCheckpointError, load_file, load_weights
 from reidzoo.config import get_cfg
 from reidzoo.engine import ReidTrainer
+from tests.helpers import tiny_cfg, write_market
 
 PAYLOAD_GLOBAL = f"{open.__module__}.{open.__qualname__}"  # "io.open"
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from reidzoo.engine import ReidTrainer
-from tests.conftest import REPO, tiny_cfg
+from tests.helpers import REPO, tiny_cfg
 
 BASE = 1e-3
 

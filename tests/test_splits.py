@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image
 
 from reidzoo.splits import main
-from tests.conftest import tiny_cfg
+from tests.helpers import tiny_cfg
 
 
 def _fake_viper(root, ids=8):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from reidzoo.engine import ReidTrainer
-from tests.conftest import REPO, fix_batch, run_steps, tiny_cfg
+from tests.helpers import REPO, fix_batch, run_steps, tiny_cfg
 
 
 def _fixed_batch_steps(trainer, steps):

@@ -9,13 +9,13 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_cfg
 from PIL import Image
 
 from reidzoo import extract
 from reidzoo.modeling.build import build_eval_model
 from reidzoo.visualize import common, ranks
 from reidzoo.visualize.__main__ import build_parser, main
+from tests.helpers import tiny_cfg
 
 TOPK = 5
 NUM_QUERIES = 3
