@@ -130,9 +130,7 @@ def test_wheel_install_resolves_model_names(repo_with_toy_project, tmp_path):
     """A wheel ships configs/ and projects/*/configs/ (Base files and ablations included), so a
     regular install used from another folder lists the same model names as the source tree and
     resolves each to the same merged config, _BASE_ chains included."""
-    import hashlib
 
-    from reidzoo.config import setup_cfg
     from reidzoo.inference import registered_models
 
     src = str(repo_with_toy_project)
@@ -168,6 +166,21 @@ def test_wheel_install_resolves_model_names(repo_with_toy_project, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     probe = json.loads(r.stdout.strip().splitlines()[-1])
     assert probe["backbone"] == "build_ianet_backbone" and probe["shape"] == [1, 2048]
-    for name, path in expected.items():
-        digest = hashlib.sha256(setup_cfg(path).dump().encode()).hexdigest()
-        assert probe["dumps"][name] == digest, name
+    # In a fresh process too, in the same (name) order: a config holds the nodes of every
+    # package imported so far in its process (reidzoo.config.get_cfg), so dumps made in this
+    # test process, which has imported every paper, would differ from a fresh one's.
+    digests = (
+        "import hashlib, json, sys\n"
+        "from reidzoo.config import setup_cfg\n"
+        "from reidzoo.inference import registered_models\n"
+        "print(json.dumps({n: hashlib.sha256(setup_cfg(p).dump().encode()).hexdigest()\n"
+        "                  for n, p in registered_models(sys.argv[1]).items()}))\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", digests, src], capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    source = json.loads(r.stdout.strip().splitlines()[-1])
+    assert source.keys() == expected.keys()
+    for name in expected:
+        assert probe["dumps"][name] == source[name], name

@@ -417,6 +417,8 @@ def test_export_parity_paper_config(tmp_path, capsys):
 
 
 def test_pan_components_in_other_models_by_config():
+    from reidzoo.modeling.build import build_model as reidzoo_build_model
+
     # the PLM head (PANHead without PAM) inside fast-reid's Baseline ...
     cfg = get_cfg()
     cfg.merge_from_list(
@@ -428,7 +430,7 @@ def test_pan_components_in_other_models_by_config():
          "MODEL.BACKBONE.NAME", "build_staged_resnet_backbone",
          "MODEL.BACKBONE.INSERTS", ["layer2:PANNonLocal"]]
     )  # fmt: skip
-    model = build_model(cfg)
+    model = reidzoo_build_model(cfg)  # reidzoo's build path: the training forward runs alone
     assert type(model).__name__ == "Baseline" and isinstance(model.heads, PANHead)
     assert isinstance(model.backbone.inserts["layer2"], NonLocal)
     images = torch.rand(4, 3, 64, 32) * 255
