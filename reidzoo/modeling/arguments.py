@@ -113,3 +113,24 @@ def read_keys(cfg, keys):
             node = node[part]
         out[name] = node
     return out
+
+
+def arguments_from_config(cfg, keys, check, **given):
+    """The body of a component's ``from_config``: its config keys read, merged with the
+    arguments the caller gives, and checked with config-key error messages.
+
+    Args:
+        cfg (CfgNode): root config.
+        keys (dict[str, str]): argument name -> dotted key (the component's ``CONFIG_KEYS``).
+        check (callable): ``check(args)``, the component's ``check_arguments``; it may see
+            extra entries the constructor does not take (pass them in ``given`` and drop them).
+        **given: arguments that do not come from the config (``channels``, ``parts``, ...).
+    Returns:
+        dict[str, object]: ``given`` and the keys' values, by argument name.
+    Raises:
+        KeyError: a key the config lacks. ValueError: a wrong value, naming its key.
+    """
+    args = {**given, **read_keys(cfg, keys)}
+    with config_keys(keys):
+        check(args)
+    return args

@@ -9,10 +9,9 @@ from torch import nn
 
 from reidzoo.modeling.arguments import (
     ArgumentError,
+    arguments_from_config,
     arguments_of,
     check_choice,
-    config_keys,
-    read_keys,
 )
 from reidzoo.modeling.backbone import STAGES
 from reidzoo.registry import STAGE_MODULE_REGISTRY
@@ -399,9 +398,8 @@ class IABlock(nn.Module):
         if stage not in STAGES:
             raise ValueError(f"IABlock.from_config: stage={stage!r}; expected one of {STAGES}")
         keys = {**cls.CONFIG_KEYS, "sigma": f"MODEL.IANET.SIGMA_{stage.upper()}"}
-        args = {"channels": channels, **read_keys(cfg, keys)}
-        with config_keys(keys):
-            cls.check_arguments({**args, "fused": True})
+        args = arguments_from_config(cfg, keys, cls.check_arguments, channels=channels, fused=True)
+        args.pop("fused")  # checked as the fused block it builds, not an argument
         return args
 
     @staticmethod

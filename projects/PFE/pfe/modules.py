@@ -16,10 +16,9 @@ from torch import nn
 
 from reidzoo.modeling.arguments import (
     ArgumentError,
+    arguments_from_config,
     arguments_of,
     check_choice,
-    config_keys,
-    read_keys,
 )
 from reidzoo.registry import STAGE_MODULE_REGISTRY
 
@@ -157,10 +156,7 @@ class TSAM(nn.Module):
         Raises:
             ValueError: a wrong value, naming its key.
         """
-        args = {"channels": channels, **read_keys(cfg, cls.CONFIG_KEYS)}
-        with config_keys(cls.CONFIG_KEYS):
-            cls.check_arguments(args)
-        return args
+        return arguments_from_config(cfg, cls.CONFIG_KEYS, cls.check_arguments, channels=channels)
 
     @staticmethod
     def check_arguments(args):

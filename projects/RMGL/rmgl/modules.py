@@ -11,10 +11,9 @@ from torch import nn
 
 from reidzoo.modeling.arguments import (
     ArgumentError,
+    arguments_from_config,
     arguments_of,
     check_choice,
-    config_keys,
-    read_keys,
 )
 
 POOLS = ("max", "avg")
@@ -264,10 +263,7 @@ class ActivationBalancedPooling(nn.Module):
         Raises:
             ValueError: a wrong value, naming its key.
         """
-        args = {"parts": parts, **read_keys(cfg, cls.CONFIG_KEYS)}
-        with config_keys(cls.CONFIG_KEYS):
-            cls.check_arguments(args)
-        return args
+        return arguments_from_config(cfg, cls.CONFIG_KEYS, cls.check_arguments, parts=parts)
 
     @staticmethod
     def check_arguments(args):
