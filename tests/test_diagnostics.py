@@ -112,6 +112,7 @@ def _assert_same_training(on, off):
     assert any(not torch.equal(v, initial[k]) for k, v in on["final"].items())
 
 
+@pytest.mark.slow
 def test_pan_logged_values_equal_direct_computation(tmp_path):
     """PAN: at iteration 0 every logged value equals the direct computation on the first batch
     and the initial weights: each loss term's and the total's gradient norm w.r.t. X^4, the
@@ -186,6 +187,7 @@ def test_ianet_relation_entropies_equal_direct_computation(tmp_path):
         assert _close(got[f"diag/entropy/{path}/relation"], _entropy(rel)), path
 
 
+@pytest.mark.slow
 def test_diagnostics_do_not_change_pmm_training(tmp_path):
     """PMM diagnosed at every iteration (random mixing partners and an autograd.grad Grad-CAM
     inside its forward) trains bit-identically to the same run without diagnostics."""

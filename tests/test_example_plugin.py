@@ -14,6 +14,9 @@ from PIL import Image
 
 from tests.helpers import REPO, bare_venv, purelib, site_packages
 
+# pip-installs the example plugin into a throwaway venv, then trains on it.
+pytestmark = pytest.mark.slow
+
 EXAMPLE = os.path.join(REPO, "examples", "reidzoo-example-dataset")
 
 CONFIG = """

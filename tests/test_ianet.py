@@ -343,6 +343,7 @@ def _count(config, *opts):
     return complexity.count_complexity(model, tuple(cfg.INPUT.SIZE_TEST))
 
 
+@pytest.mark.slow
 def test_paper_numbers_through_complexity():
     base = _count(os.path.join(CONFIGS, "ablations", "base.yml"))
     sia = _count(os.path.join(CONFIGS, "ablations", "a_context_K1.yml"))
@@ -355,6 +356,7 @@ def test_paper_numbers_through_complexity():
     assert abs((full["macs"] - base["macs"]) - 0.838e9) < 0.02e9
 
 
+@pytest.mark.slow
 def test_export_parity_paper_config(tmp_path, capsys):
     from reidzoo import export
 
@@ -366,6 +368,7 @@ def test_export_parity_paper_config(tmp_path, capsys):
     assert last.startswith("parity ") and float(last.rsplit("rel=", 1)[1]) <= 1e-4
 
 
+@pytest.mark.slow
 def test_trains_on_demo_data_and_eval_only(tmp_path):
     """Six steps on one batch lower the loss; 35 real iterations (train_net's main, hooks and
     all) retrieve the training identities across cameras, and ``--eval-only`` on the saved

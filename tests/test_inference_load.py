@@ -20,6 +20,9 @@ import torch
 from reidzoo.config import setup_cfg
 from tests.helpers import REPO, TINY_SYNTH
 
+# Every test here uses a paper trained through train_net.py (a module fixture per paper).
+pytestmark = pytest.mark.slow
+
 CONFIGS = {
     "IANet": ["IANet/configs/IANet_R18_synthetic_ci.yml"],
     "PAN": ["PAN/configs/PAN_R18_synthetic_ci.yml"],

@@ -12,6 +12,9 @@ import pytest
 
 from tests.helpers import REPO, bare_venv, purelib
 
+# pip wheel / pip install of a copy of the repository.
+pytestmark = pytest.mark.slow
+
 PROBE = (
     "import importlib.metadata as m, reidzoo, reidzoo.projects.toy_pkg as t, "
     "reidzoo.projects.toy_pkg.sub as s;"

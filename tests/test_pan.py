@@ -367,6 +367,7 @@ def synth_root(tmp_path_factory):
     return str(tmp_path_factory.mktemp("pan_synth"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", T2_CONNECTION_VARIANTS)
 def test_table2_connection_variants_train_and_export(name, synth_root, tmp_path, capsys):
     from reidzoo import export
@@ -405,6 +406,7 @@ def test_complexity_counts_every_pan_op():
     assert not any("bmm" in op or "matmul" in op for op in res["unsupported_ops"])
 
 
+@pytest.mark.slow
 def test_export_parity_paper_config(tmp_path, capsys):
     from reidzoo import export
 
@@ -445,6 +447,7 @@ def test_pan_components_in_other_models_by_config():
         build_model(cfg).eval()(images)
 
 
+@pytest.mark.slow
 def test_trains_on_demo_data_and_eval_only(tmp_path):
     """Six steps on one batch lower every loss; 50 real iterations (train_net's main, hooks and
     all) retrieve the training identities across cameras, and ``--eval-only`` on the saved
@@ -562,6 +565,7 @@ def _paper_recipe_run(tmp_path, steps, *opts):
     return values, rec, cfg
 
 
+@pytest.mark.slow
 def test_paper_recipe_trains_from_random_init(tmp_path):
     """§4.1's optimiser from random initialisation (SGD, LR 0.01 backbone / 0.1 new layers,
     momentum 0.9, wd 5e-4, pre-BN triplet, no warmup): every part CE falls, far below its
@@ -582,6 +586,7 @@ def test_paper_recipe_trains_from_random_init(tmp_path):
         assert len(rec[name]) == 15 and max(rec[name]) <= NORM_BOUND, (name, rec[name])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "switch_off",
     [("MODEL.PAN.PAM_NORM", ""), ("MODEL.LOSSES.TRI.NORM_FEAT", "False")],

@@ -226,6 +226,7 @@ def test_region_overlap_loss_formula_and_weight():
 # ----------------------------------------------------------------------- model and numbers
 
 
+@pytest.mark.slow
 def test_eval_feature_and_switches():
     images = torch.rand(2, 3, 64, 32) * 255
     keep = images.clone()
@@ -277,6 +278,7 @@ def test_paper_sizes_through_reidzoo_complexity():
     assert abs(p128 - 25.65e6) <= 0.01 * 25.65e6, p128
 
 
+@pytest.mark.slow
 def test_export_parity_market_stage2_mask_in_graph(tmp_path, capsys):
     import onnx
 
@@ -308,6 +310,7 @@ def _steps(trainer, n):
     return names, totals
 
 
+@pytest.mark.slow
 def test_two_stage_training_freeze_and_eval_only(tmp_path):
     """Stage I and stage II (frozen main branch) on one batch each; then 40 real stage-I
     iterations (train_net's main, hooks and all) retrieve the training identities across

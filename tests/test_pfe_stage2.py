@@ -127,6 +127,7 @@ def test_feature_groups_evaluator_gives_each_group_its_columns():
         ev.process({}, out[:, :6])
 
 
+@pytest.mark.slow
 def test_stage2_evaluation_reports_f5_equal_to_stage1_side_and_concat(tmp_path):
     from fastreid.evaluation import ReidEvaluator, inference_on_dataset
 

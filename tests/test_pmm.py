@@ -552,6 +552,7 @@ def test_parameter_budget_matches_the_hand_count(market_counts):
     assert abs(bdb["params"] - res["params"]) <= 0.001 * res["params"]  # "same amount" (§2.1)
 
 
+@pytest.mark.slow
 def test_export_parity_paper_config(tmp_path, capsys):
     from reidzoo import export
 
@@ -611,6 +612,7 @@ def test_cutout_inside_fastreid_pipeline_for_baseline(tmp_path):
 # --------------------------------------------------------------------------------- training
 
 
+@pytest.mark.slow
 def test_trains_on_demo_data_and_eval_only(tmp_path):
     """Five steps on one batch lower the loss; 30 real iterations (train_net's main, hooks and
     all) retrieve the training identities across cameras, and ``--eval-only`` on the saved

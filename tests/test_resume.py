@@ -8,9 +8,13 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from tests.helpers import REPO, tiny_cfg
+
+# Every test runs train_net.py in subprocesses (train, kill, resume, refuse).
+pytestmark = pytest.mark.slow
 
 # Random augmentations on, so that a replayed or shifted data stream would show.
 AUGMENTED = {

@@ -463,6 +463,7 @@ def test_tab5_names_match_their_switches():
         assert ("RMGLRandomShift" in c["INPUT.TRANSFORMS"]) == ("rsa" in tokens), name
 
 
+@pytest.mark.slow
 def test_export_parity_paper_config(tmp_path, capsys):
     from reidzoo import export
 
@@ -478,6 +479,7 @@ def test_export_parity_paper_config(tmp_path, capsys):
 # --------------------------------------------------------------------------------- training
 
 
+@pytest.mark.slow
 def test_trains_on_demo_data_and_eval_only(tmp_path):
     """Four steps on one batch lower the loss; 40 real iterations (train_net's main, hooks and
     all) retrieve the training identities across cameras, and ``--eval-only`` on the saved

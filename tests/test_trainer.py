@@ -156,6 +156,7 @@ def _write_cfg(cfg, path):
     return str(path)
 
 
+@pytest.mark.slow
 def test_train_net_cli_train_then_eval_only(tiny_market, tmp_path):
     out = str(tmp_path / "run")
     cfg = tiny_cfg(tiny_market, out, **{"SOLVER.MAX_EPOCH": 1, "TEST.EVAL_PERIOD": 1})
@@ -180,6 +181,7 @@ def test_train_net_cli_train_then_eval_only(tiny_market, tmp_path):
     assert during == after
 
 
+@pytest.mark.slow
 def test_eval_only_rejects_checkpoint_of_another_model(tiny_market, tmp_path):
     out = str(tmp_path / "run")
     cfg = tiny_cfg(tiny_market, out)
@@ -203,6 +205,7 @@ def test_eval_only_rejects_checkpoint_of_another_model(tiny_market, tmp_path):
     assert "missing keys" in r.stderr and "backbone.layer1.2.conv1.weight" in r.stderr
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_are_consistent_with_the_saved_model(tiny_market, tmp_path):
     """2 processes (gloo): every rank ends with the same full state (BatchNorm statistics
     included), and the evaluation during training is that of the saved model_final.pth."""
