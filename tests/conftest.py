@@ -9,20 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import (  # noqa: F401  (re-exported while test files move to tests.helpers)
-    NO_AUGMENTATION,
-    REPO,
-    SHARED_DATA,
-    TINY_SYNTH,
-    TRAIN_IDS_TESTSET,
-    evaluate_on_training_ids,
-    fix_batch,
-    run_steps,
-    tiny_cfg,
-    train_then_eval_only,
-    write_market,
-    write_training_ids_testset,
-)
+from tests.helpers import write_market
 
 # The image-check cache of every trainer a test builds (subprocesses inherit it), not ~/.cache;
 # removed when the test session ends.

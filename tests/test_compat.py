@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from reidzoo import compat
-from tests.conftest import tiny_cfg
+from tests.helpers import tiny_cfg
 
 
 def _py(code):
@@ -364,7 +364,7 @@ def test_training_forward_outside_trainer():
 
     from reidzoo.config import setup_cfg
     from reidzoo.modeling.build import build_model as zoo_build_model
-    from tests.conftest import REPO
+    from tests.helpers import REPO
 
     cfg = tiny_cfg("unused", "unused", **{"MODEL.HEADS.NUM_CLASSES": 4})
     model = build_model(cfg).train()

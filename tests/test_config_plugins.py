@@ -12,7 +12,7 @@ import torchvision.transforms as T
 from reidzoo.config import add_node, add_reidzoo_config, get_cfg, setup_cfg
 from reidzoo.data.transforms import build_transforms_with_registry
 from reidzoo.registry import TRANSFORM_REGISTRY
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 TOY_MODULE = textwrap.dedent(
     """
@@ -296,7 +296,7 @@ def test_broken_entry_point_breaks_only_what_asks_for_it(tmp_path):
     the plugin and its import error; the plugin is reported by one warning."""
     import json
 
-    from tests.conftest import TINY_SYNTH
+    from tests.helpers import TINY_SYNTH
 
     dist = tmp_path / "site" / "broken_plugin-0.1.dist-info"
     dist.mkdir(parents=True)
