@@ -35,6 +35,7 @@ def _train_and_read_lrs(root, out, **overrides):
     return [lrs[i] for i in sorted(lrs)], trainer
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["iter", "epoch"])
 def test_multistep_milestones_are_absolute_with_warmup(tiny_market, tmp_path, mode):
     # tiny_market: 24 training images, batch 8 -> 3 iterations per epoch
@@ -60,6 +61,7 @@ def test_multistep_milestones_are_absolute_with_warmup(tiny_market, tmp_path, mo
     assert unit(first_drop) == steps[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["iter", "epoch"])
 def test_cosine_anneals_over_the_post_warmup_span(tiny_market, tmp_path, mode):
     eta = 1e-5
@@ -103,6 +105,7 @@ def _schedule_cli(*args):
     return r.stdout.strip().splitlines()
 
 
+@pytest.mark.slow
 def test_schedule_cli_demo_iteration_mode():
     lines = _schedule_cli(
         "--config-file",
@@ -124,6 +127,7 @@ def test_schedule_cli_demo_iteration_mode():
     assert "iter 15: lr 0.0001" in lines
 
 
+@pytest.mark.slow
 def test_schedule_cli_matches_what_the_trainer_logs(tiny_market, tmp_path):
     over = {
         "SOLVER.MAX_EPOCH": 4,
