@@ -311,3 +311,28 @@ def bare_venv(path):
     with open(os.path.join(purelib(py), "zz_parent_env.pth"), "w") as f:
         f.write(site_packages() + "\n")
     return py
+
+
+def perturbing_exporter(monkeypatch):
+    """Make :mod:`reidzoo.export` write a graph whose conv weights are 5 % off the PyTorch
+    model's (a genuinely wrong graph, for parity-failure tests); the model is restored after."""
+    import torch
+
+    from reidzoo import export
+
+    real = export._torch_onnx_export
+
+    def wrong_export(model, images, path, opset):
+        params = [p for p in model.parameters() if p.dim() == 4]  # conv weights
+        saved = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p in params:
+                p.mul_(1.05)
+        try:
+            real(model, images, path, opset)
+        finally:
+            with torch.no_grad():
+                for p, s in zip(params, saved):
+                    p.copy_(s)
+
+    monkeypatch.setattr(export, "_torch_onnx_export", wrong_export)

@@ -76,6 +76,7 @@ def test_every_fix_in_force_and_applying_again_wraps_nothing_twice(monkeypatch):
             assert after is before or after == before, name
 
 
+@pytest.mark.slow  # a fresh interpreter per check
 def test_import_time_fixes():
     bare = _py(
         "import collections, collections.abc; collections.Mapping = collections.abc.Mapping;"
@@ -263,6 +264,7 @@ print("STOCK_IN_PLACE", not torch.equal(images, copy))
 """
 
 
+@pytest.mark.slow  # a fresh interpreter per check
 def test_import_reidzoo_leaves_stock_fastreid_behaviour():
     """After importing reidzoo (engine, data, modeling, evaluation), every fast-reid object
     whose behaviour reidzoo changes for itself is still fast-reid's own, and a Baseline built

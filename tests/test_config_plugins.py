@@ -100,11 +100,13 @@ def _run(tmp_path, yaml_extra, env_extra):
     return r.stdout.split("RESULT", 1)[1].split()
 
 
+@pytest.mark.slow  # a fresh interpreter per check
 def test_plugin_via_custom_imports(tmp_path):
     out = _run(tmp_path, "REIDZOO: {CUSTOM_IMPORTS: [toy_plugin_mod]}", {})
     assert out == ["Conv2d", "ToyHead", "(2,", "7)", "True"]
 
 
+@pytest.mark.slow  # a fresh interpreter per check
 def test_plugin_via_entry_point(tmp_path):
     dist = tmp_path / "toy_plugin-0.1.dist-info"
     dist.mkdir()
@@ -202,6 +204,7 @@ def _shipped_configs():
     return sorted(f for p in patterns for f in glob.glob(os.path.join(REPO, *p), recursive=True))
 
 
+@pytest.mark.slow  # a fresh interpreter per check
 def test_fastreid_datasets_reaches_every_shipped_config(tmp_path, monkeypatch):
     """README: ``DATASETS.ROOT`` (or ``$FASTREID_DATASETS``, else ``./datasets``). A root set in
     a shipped config would hide the environment variable, so none sets one."""
@@ -288,6 +291,7 @@ BROKEN_CHECK = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # a fresh interpreter per check
 def test_broken_entry_point_breaks_only_what_asks_for_it(tmp_path):
     """A ``reidzoo.plugins`` entry point to a module that does not exist, visible to the
     process (a .dist-info on PYTHONPATH): get_cfg imports nothing, the demo trains and
@@ -333,6 +337,7 @@ def test_broken_entry_point_breaks_only_what_asks_for_it(tmp_path):
     assert len(warned) == 1 and "plugin 'broken'" in warned[0] and missing in warned[0], warned
 
 
+@pytest.mark.slow  # a fresh interpreter per check
 def test_paper_packages_do_not_import_the_visualisation_layer():
     """Importing a paper package registers its components but not reidzoo.visualize; the map
     producers register when reidzoo.visualize looks them up."""

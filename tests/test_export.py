@@ -13,6 +13,7 @@ from reidzoo import export
 from reidzoo.checkpoint import default_file_mode
 from reidzoo.config import get_cfg
 from reidzoo.modeling.build import build_eval_model
+from tests.helpers import perturbing_exporter
 
 PARITY_RE = re.compile(r"^parity max_abs_diff=(\S+) rel=(\S+)$")
 
@@ -97,6 +98,7 @@ def test_export_onnx_function_matches_model(tmp_path):
     assert np.abs(feats - ref).max() <= 1e-4 * np.abs(ref).max()
 
 
+@pytest.mark.slow  # a fresh interpreter per check
 def test_export_cli_subprocess(tiny_yaml, tmp_path):
     out = tmp_path / "sub.onnx"
     proc = subprocess.run(
@@ -111,28 +113,8 @@ def test_export_cli_subprocess(tiny_yaml, tmp_path):
     assert out.is_file()
 
 
-def _perturbing_exporter(monkeypatch):
-    """Export a graph whose weights differ from the PyTorch model's (a genuinely wrong graph)."""
-    real = export._torch_onnx_export
-
-    def wrong_export(model, images, path, opset):
-        params = [p for p in model.parameters() if p.dim() == 4]  # conv weights
-        saved = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            for p in params:
-                p.mul_(1.05)
-        try:
-            real(model, images, path, opset)
-        finally:
-            with torch.no_grad():
-                for p, s in zip(params, saved):
-                    p.copy_(s)
-
-    monkeypatch.setattr(export, "_torch_onnx_export", wrong_export)
-
-
 def test_export_parity_failure_exits_nonzero(tiny_yaml, tmp_path, capsys, monkeypatch):
-    _perturbing_exporter(monkeypatch)
+    perturbing_exporter(monkeypatch)
     out = tmp_path / "bad.onnx"
     out.write_bytes(b"previous good export")
     rc = export.main(["--config-file", tiny_yaml, "--output", str(out)])
@@ -145,7 +127,7 @@ def test_export_parity_failure_exits_nonzero(tiny_yaml, tmp_path, capsys, monkey
 
 
 def test_export_tol_is_configurable(tiny_yaml, tmp_path, capsys, monkeypatch):
-    _perturbing_exporter(monkeypatch)
+    perturbing_exporter(monkeypatch)
     out = tmp_path / "loose.onnx"
     rc = export.main(["--config-file", tiny_yaml, "--output", str(out), "--tol", "10"])
     assert rc == 0 and out.is_file()

@@ -20,6 +20,7 @@ import torch
 from reidzoo import export, extract
 from reidzoo.config import get_cfg
 from reidzoo.modeling.build import build_eval_model
+from tests.helpers import perturbing_exporter
 
 boxmot = pytest.importorskip("boxmot", reason="needs the [interop] extra (boxmot)")
 cv2 = pytest.importorskip("cv2", reason="needs the [interop] extra (opencv, from boxmot)")
@@ -194,25 +195,6 @@ def test_boxmot_openvino_backend_matches_reidzoo_extract(trained_like, frame_and
     np.testing.assert_allclose(by_xml, theirs, atol=1e-6)
 
 
-def _perturbing_exporter(monkeypatch):
-    real = export._torch_onnx_export
-
-    def wrong_export(model, images, path, opset):
-        params = [p for p in model.parameters() if p.dim() == 4]
-        saved = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            for p in params:
-                p.mul_(1.05)
-        try:
-            real(model, images, path, opset)
-        finally:
-            with torch.no_grad():
-                for p, s in zip(params, saved):
-                    p.copy_(s)
-
-    monkeypatch.setattr(export, "_torch_onnx_export", wrong_export)
-
-
 def test_openvino_export_parity_metadata_and_atomic_replace(trained_like, monkeypatch, capsys):
     ov = pytest.importorskip("openvino", reason="needs the [interop] extra (openvino)")
     root, yaml, ckpt = trained_like
@@ -246,7 +228,7 @@ def test_openvino_export_parity_metadata_and_atomic_replace(trained_like, monkey
 
     # a graph that fails the check replaces nothing and leaves no temporary folder
     before = {n: (folder / n).read_bytes() for n in os.listdir(folder)}
-    _perturbing_exporter(monkeypatch)
+    perturbing_exporter(monkeypatch)
     with pytest.raises(export.ParityError, match="OpenVINO graph does not match"):
         export.export_openvino(model, str(folder), HW)
     assert {n: (folder / n).read_bytes() for n in os.listdir(folder)} == before
