@@ -28,5 +28,9 @@ format:
 	$(VENV)/bin/ruff check --fix .
 
 # Set everything up (with the interop test extra), lint (blocking), run the test suite.
+# tests/test_interop.py runs in its own process: after its OpenVINO / BoxMOT backends have run
+# in a pytest process, that process segfaulted at its next subprocess spawn (2 of 2 full runs,
+# 2026-12-01; not root-caused), so nothing else shares a process with them.
 test: install-interop lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --ignore=tests/test_interop.py
+	$(PY) -m pytest -q tests/test_interop.py
