@@ -375,9 +375,15 @@ def run_cell(
     force=False,
     records=RECORDS,
     suite="league",
+    keep_checkpoints=False,
 ):
     """Train one cell (all its stages), write ``run_info.json`` into its folder and, when every
     stage succeeded, the cell's record (:func:`record_path`).
+
+    Once a cell's record is written its ``*.pth`` checkpoints are deleted (a ResNet-18 cell leaves
+    about 390 MB of them, a whole pairs table over 30 GB) unless ``keep_checkpoints``; logs,
+    ``metrics.json``, ``results.json`` and the configs stay. A failed cell keeps everything, for
+    resuming or inspecting it.
 
     Returns:
         str: ``"done"``, ``"skipped"`` (a record exists), ``"dry-run"`` or ``"failed"``.
@@ -436,7 +442,23 @@ def run_cell(
     if status == "done":
         info["metrics"] = last["final"]  # the last stage's results.json
         _write_json(record, info)
+        if not keep_checkpoints:
+            prune_checkpoints(os.path.join(REPO, cell_dir(logs, model, dataset, split)))
     return status
+
+
+def prune_checkpoints(folder):
+    """Delete every ``*.pth`` under ``folder``; returns the paths deleted."""
+    gone = []
+    for dirpath, _, files in os.walk(folder):
+        for name in sorted(files):
+            if name.endswith(".pth"):
+                path = os.path.join(dirpath, name)
+                os.remove(path)
+                gone.append(path)
+    if gone:
+        print(f"deleted {len(gone)} checkpoints under {folder} (--keep-checkpoints keeps them)")
+    return gone
 
 
 def _results(results):
@@ -808,6 +830,11 @@ def parse_args(argv=None) -> Tuple[argparse.Namespace, list]:
     run.add_argument("--root", default=os.path.join("..", "shared", "data"))
     run.add_argument("--dry-run", action="store_true", help="print the commands only")
     run.add_argument("--force", action="store_true", help="re-run cells that have results")
+    run.add_argument(
+        "--keep-checkpoints",
+        action="store_true",
+        help="keep a finished cell's *.pth files (default: deleted once its record is written)",
+    )
     run.add_argument("--logs", default=os.path.join("logs", "realdata"), help="training outputs")
     run.add_argument(
         "--variant",
@@ -871,6 +898,7 @@ def main(argv=None):
                         args.force,
                         records,
                         args.suite,
+                        args.keep_checkpoints,
                     )
                     print(f"cell {model}/{dataset}/split_{split}: {status}", flush=True)
                     if args.update_md and status == "done":

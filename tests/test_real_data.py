@@ -130,6 +130,9 @@ def test_run_cell_writes_record_and_skips_it_next_time(tmp_path, monkeypatch):
         calls.append(argv)
         out = argv[argv.index("OUTPUT_DIR") + 1]
         os.makedirs(out, exist_ok=True)
+        for name in ("model_final.pth", "model_0001.pth"):
+            with open(os.path.join(out, name), "wb") as f:
+                f.write(b"weights")
         if "PRID450S" in argv[argv.index("DATASETS.NAMES") + 1]:
             return 3
         with open(os.path.join(out, "results.json"), "w") as f:
@@ -144,14 +147,23 @@ def test_run_cell_writes_record_and_skips_it_next_time(tmp_path, monkeypatch):
     assert rec["metrics"] == {"Rank-1": 1.0, "Rank-5": 2.0, "Rank-10": 3.0, "mAP": 4.0}
     assert [s["rc"] for s in rec["stages"]] == [0, 0] and rec["status"] == "done"
     assert [s["final"]["mAP"] for s in rec["stages"]] == [4.0, 4.0]
-    assert os.path.isfile(os.path.join(logs, "pfe", "viper", "split_0", "run_info.json"))
+    cell = os.path.join(logs, "pfe", "viper", "split_0")
+    assert os.path.isfile(os.path.join(cell, "run_info.json"))
+    # the done cell's checkpoints are gone (stage II read stage I's before), its results stay
+    left = [os.path.relpath(os.path.join(d, f), cell) for d, _, fs in os.walk(cell) for f in fs]
+    assert not [f for f in left if f.endswith(".pth")]
+    assert "run_info.json" in left and any(f.endswith("results.json") for f in left)
     assert rd.run_cell("pfe", "viper", 0, "/d", logs, records=records) == "skipped"
     assert len(calls) == 2
     assert rd.run_cell("baseline", "prid450s", 1, "/d", logs, records=records) == "failed"
     assert not os.path.exists(rd.record_path(records, "baseline", "prid450s", 1))
-    info = os.path.join(logs, "baseline", "prid450s", "split_1", "run_info.json")
-    with open(info) as f:
+    failed = os.path.join(logs, "baseline", "prid450s", "split_1")
+    with open(os.path.join(failed, "run_info.json")) as f:
         assert json.load(f)["stages"][0]["rc"] == 3
+    assert os.path.isfile(os.path.join(failed, "model_final.pth"))  # a failed cell keeps them
+    # --keep-checkpoints keeps a done cell's
+    rd.run_cell("baseline", "viper", 2, "/d", logs, records=records, keep_checkpoints=True)
+    assert os.path.isfile(os.path.join(logs, "baseline", "viper", "split_2", "model_final.pth"))
 
 
 def test_update_markdown_replaces_block(tmp_path):
