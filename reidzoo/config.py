@@ -101,6 +101,10 @@ def add_reidzoo_config(cfg):
             # Seed for Python, numpy and torch RNGs (rank is added); negative: fast-reid's
             # default of a fresh random seed per run.
             "SEED": -1,
+            # Periodic checkpoints (model_XXXX.pth) of this run kept on disk: when it writes
+            # one more, the oldest it wrote is deleted. 0 keeps all (fast-reid's behaviour).
+            # model_best, model_final and what last_checkpoint names are never deleted.
+            "CHECKPOINT_KEEP": 0,
             # Iterations between the trainer's progress/ETA lines (fast-reid hard-codes 200).
             "LOG_PERIOD": 20,
             # Training diagnostics (README "Training diagnostics"; reidzoo.engine.diagnostics):

@@ -97,6 +97,8 @@ def tiny_cfg(root, output_dir, **overrides):
             [100],
             "SOLVER.CHECKPOINT_PERIOD",
             1,
+            "REIDZOO.CHECKPOINT_KEEP",  # the suite's disk: one periodic checkpoint per run
+            1,
             "TEST.EVAL_PERIOD",
             100,
             "TEST.IMS_PER_BATCH",

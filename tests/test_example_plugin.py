@@ -107,7 +107,8 @@ def installed(tmp_path_factory):
     _folders(str(root))
     cfg = tmp / "example.yaml"
     cfg.write_text(CONFIG.format(root=root, output=output))
-    return py, str(cfg), str(output), tmp
+    yield py, str(cfg), str(output), tmp
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def test_entry_point_config_values_and_splits_reach_the_dataset(installed):

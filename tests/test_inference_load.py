@@ -10,6 +10,7 @@ subprocess, given the registered model name of the config.
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 
@@ -75,8 +76,9 @@ def run(request, synth_root, tmp_path_factory):
         weights = ["MODEL.WEIGHTS", os.path.join(out, "model_final.pth")]
     with open(os.path.join(out, "results.json")) as f:
         results = json.load(f)["results"]
-    return {"paper": paper, "config": config, "opts": base, "ckpt": weights[1], "tmp": tmp,
-            "results": results}  # fmt: skip
+    yield {"paper": paper, "config": config, "opts": base, "ckpt": weights[1], "tmp": tmp,
+           "results": results}  # fmt: skip
+    shutil.rmtree(tmp, ignore_errors=True)  # the next paper's run does not need this one's disk
 
 
 def _reference_model(run):

@@ -99,6 +99,24 @@ def test_train_checkpoint_and_eval(tiny_market, tmp_path):
         ReidTrainer(cfg).resume_or_load(resume=False)
 
 
+@pytest.mark.slow
+def test_checkpoint_keep_deletes_only_older_periodic_checkpoints(tiny_market, tmp_path):
+    out = str(tmp_path / "run")
+    over = {"SOLVER.MAX_EPOCH": 5, "TEST.EVAL_PERIOD": 2, "REIDZOO.CHECKPOINT_KEEP": 2}
+    trainer = ReidTrainer(tiny_cfg(tiny_market, out, **over))
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    pth = sorted(f for f in os.listdir(out) if f.endswith(".pth"))
+    # periodic after epochs 0-3 (epoch 4 is the final one): the two newest stay
+    assert pth == ["model_0002.pth", "model_0003.pth", "model_best.pth", "model_final.pth"]
+    assert torch.load(os.path.join(out, "model_0003.pth"), weights_only=True)["epoch"] == 3
+    with open(os.path.join(out, "last_checkpoint")) as f:
+        assert f.read() == "model_final.pth"
+    with pytest.raises(ValueError, match="REIDZOO.CHECKPOINT_KEEP=-1"):
+        over["REIDZOO.CHECKPOINT_KEEP"] = -1
+        ReidTrainer(tiny_cfg(tiny_market, str(tmp_path / "bad"), **over))
+
+
 def test_final_checkpoint_written_before_final_evaluation(tiny_market, tmp_path, monkeypatch):
     """A final evaluation that fails (bad test data, say) never costs the trained model."""
     out = str(tmp_path / "run")

@@ -1,6 +1,7 @@
 """Trainer hooks for exact resume, consistent ranks and a final checkpoint that is never lost."""
 
 import logging
+import os
 
 import torch
 from fastreid.engine import hooks as fr_hooks
@@ -91,7 +92,21 @@ class FinalCheckpoint(fr_hooks.HookBase):
 class PeriodicCheckpointer(fr_hooks.PeriodicCheckpointer):
     """fast-reid's periodic checkpointer (``model_XXXX`` every period, ``model_best`` by the
     latest metric), with the run state the trainer needs for exact resume, and without writing
-    ``model_final`` (:class:`FinalCheckpoint` did, before the final evaluation)."""
+    ``model_final`` (:class:`FinalCheckpoint` did, before the final evaluation).
+
+    Args:
+        keep (int): periodic checkpoints of this run kept on disk (``REIDZOO.CHECKPOINT_KEEP``);
+            after each new one the oldest this run wrote beyond ``keep`` is deleted; 0 keeps
+            all. Files of an earlier run (before ``--resume``), ``model_best`` and
+            ``model_final`` are never deleted.
+    """
+
+    def __init__(self, checkpointer, period, keep=0):
+        super().__init__(checkpointer, period)
+        self.keep = int(keep)
+        if self.keep < 0:
+            raise ValueError(f"REIDZOO.CHECKPOINT_KEEP={keep}: expected 0 (keep all) or more")
+        self._written = []
 
     def before_train(self):
         super().before_train()
@@ -113,6 +128,10 @@ class PeriodicCheckpointer(fr_hooks.PeriodicCheckpointer):
             t.best_metric = metric
             self.checkpointer.save("model_best", epoch=epoch, metric=metric, **t.checkpoint_state())
         if periodic and not final:
-            self.checkpointer.save(
-                f"model_{epoch:04d}", epoch=epoch, metric=metric, **t.checkpoint_state()
-            )
+            name = f"model_{epoch:04d}"
+            self.checkpointer.save(name, epoch=epoch, metric=metric, **t.checkpoint_state())
+            self._written.append(os.path.join(self.checkpointer.save_dir, name + ".pth"))
+            while self.keep and len(self._written) > self.keep:
+                old = self._written.pop(0)
+                if os.path.isfile(old):
+                    os.remove(old)

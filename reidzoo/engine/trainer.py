@@ -252,7 +252,11 @@ class ReidTrainer(DefaultTrainer):
                 if comm.is_main_process():
                     ret.append(FinalCheckpoint(self.checkpointer))
             if isinstance(h, fr_hooks.PeriodicCheckpointer):
-                h = PeriodicCheckpointer(self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD)
+                h = PeriodicCheckpointer(
+                    self.checkpointer,
+                    self.cfg.SOLVER.CHECKPOINT_PERIOD,
+                    self.cfg.REIDZOO.CHECKPOINT_KEEP,
+                )
             if isinstance(h, fr_hooks.PeriodicWriter):
                 h._period = self.cfg.REIDZOO.LOG_PERIOD
             ret.append(h)
