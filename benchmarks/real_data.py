@@ -754,6 +754,42 @@ def report_pairs(records):
     )
 
 
+#: Each paper README quotes its pairs' lines between these markers (``--update-readmes``).
+README_MARKS = ("<!-- pairs:begin -->", "<!-- pairs:end -->")
+
+
+def readme_path(paper):
+    """``projects/<paper>/README.md``."""
+    return os.path.join(REPO, "projects", paper, "README.md")
+
+
+def update_readmes(records, readme=readme_path):
+    """Write each paper's rows of the pairs table (:func:`pair_rows`, with the cost ratios)
+    between :data:`README_MARKS` in its README (``readme(paper)``); a paper without rows yet
+    gets a line saying so.
+
+    Raises:
+        ValueError: a README lacks the markers (names the file and the markers expected).
+    Returns:
+        list[str]: the READMEs written.
+    """
+    rows = pair_rows(records, load_costs(os.path.join(records, "costs.json")))
+    written = []
+    for paper in dict.fromkeys(c[0] for c in COMPARISONS):
+        path = readme(paper)
+        text = open(path).read() if os.path.isfile(path) else ""
+        if not all(m in text for m in README_MARKS):
+            raise ValueError(
+                f"{path}: expected the markers {README_MARKS[0]} and {README_MARKS[1]} around "
+                "the pairs' lines"
+            )
+        mine = [r for r in rows if r["paper"] == paper]
+        table = markdown_pairs(mine) if mine else "(no finished pair yet)\n"
+        update_markdown(path, table, README_MARKS)
+        written.append(path)
+    return written
+
+
 def _load_text(machine):
     """``machine_info()``'s 1 / 5 / 15-minute load average as ``"a/b/c"`` ("" if absent)."""
     return "/".join(f"{x:.1f}" for x in (machine or {}).get("loadavg") or [])
@@ -857,6 +893,11 @@ def parse_args(argv=None) -> Tuple[argparse.Namespace, list]:
             help="folder of the finished cells' records (tracked by git)",
         )
         p.add_argument("--update-md", default=None, help="rewrite the table block of this file")
+        p.add_argument(
+            "--update-readmes",
+            action="store_true",
+            help="pairs: also rewrite each paper README's lines (projects/<paper>/README.md)",
+        )
     return parser.parse_args(argv), extra
 
 
@@ -901,15 +942,24 @@ def main(argv=None):
                         args.keep_checkpoints,
                     )
                     print(f"cell {model}/{dataset}/split_{split}: {status}", flush=True)
-                    if args.update_md and status == "done":
-                        update_markdown(args.update_md, _report(args.records, args.suite), marks)
+                    if status == "done":
+                        _update(args, marks)
         return 0
-    table = _report(args.records, args.suite)
-    if args.update_md:
-        update_markdown(args.update_md, table, marks)
+    if args.update_md or args.update_readmes:
+        _update(args, marks)
     else:
-        sys.stdout.write(table)
+        sys.stdout.write(_report(args.records, args.suite))
     return 0
+
+
+def _update(args, marks):
+    """``--update-md`` / ``--update-readmes`` of :func:`main`."""
+    if args.update_md:
+        update_markdown(args.update_md, _report(args.records, args.suite), marks)
+    if args.update_readmes:
+        if args.suite != "pairs":
+            raise SystemExit("--update-readmes: only --suite pairs has per-paper lines")
+        update_readmes(os.path.join(args.records, SUITES[args.suite][2]))
 
 
 if __name__ == "__main__":

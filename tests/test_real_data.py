@@ -462,6 +462,37 @@ def test_pairs_are_paired_by_split_with_views_and_cost_ratios(tmp_path):
     assert "PFE (stage I + II): F5 alone" in block and "PFE (stage I + II): side alone" in block
 
 
+def test_each_paper_readme_quotes_only_its_own_pair_lines(tmp_path):
+    records = str(tmp_path / "records")
+    for split, (m, b) in enumerate([(20.0, 10.0), (15.0, 16.0)]):
+        _write_record(records, "pan", "viper", split, _m(m, 0, 0, m + 5))
+        _write_record(records, "pan-base", "viper", split, _m(b, 0, 0, b + 1))
+    _write_record(records, "rmgl", "prid450s", 0, _m(30.0, 0, 0, 40.0))
+    _write_record(records, "rmgl-base", "prid450s", 0, _m(25.0, 0, 0, 35.0))
+    readmes = {}
+    for paper in ("IANet", "PAN", "PFE", "PMM", "RMGL"):
+        readmes[paper] = tmp_path / f"{paper}.md"
+        readmes[paper].write_text(
+            f"# {paper}\n<!-- pairs:begin -->\nold\n<!-- pairs:end -->\nend\n"
+        )
+    written = rd.update_readmes(records, readme=lambda p: str(readmes[p]))
+    assert len(written) == 5
+    pan = readmes["PAN"].read_text()
+    assert "| PAN | PAM | VIPeRSingleShot | 0,1 |" in pan and "+10.0, -1.0 | +4.5 | 1 of 2 |" in pan
+    assert "RMGL" not in pan and "old" not in pan and pan.endswith("<!-- pairs:end -->\nend\n")
+    assert "| RMGL | RP + ABP + RSA | PRID450S | 0 |" in readmes["RMGL"].read_text()
+    assert "(no finished pair yet)" in readmes["IANet"].read_text()
+    readmes["PMM"].write_text("# PMM, no markers\n")
+    with pytest.raises(ValueError, match=r"PMM\.md: expected the markers <!-- pairs:begin -->"):
+        rd.update_readmes(records, readme=lambda p: str(readmes[p]))
+
+
+def test_every_paper_readme_has_the_pairs_markers():
+    for paper in dict.fromkeys(c[0] for c in rd.COMPARISONS):
+        text = open(rd.readme_path(paper)).read()
+        assert all(m in text for m in rd.README_MARKS), paper
+
+
 def test_pairs_suite_runs_its_own_cells_into_its_own_folders(tmp_path, capsys):
     rc = rd.main(
         ["run", "--suite", "pairs", "--models", "pfe", "--datasets", "viper", "--dry-run"]
