@@ -352,6 +352,26 @@ def evaluations(output_dir):
     return found
 
 
+def diagnostics(output_dir):
+    """The training diagnostics a run logged (``REIDZOO.DIAGNOSTICS.ENABLED``; README "Training
+    diagnostics"): ``{"first": {...}, "last": {...}}``, each the ``iteration`` and ``diag/...``
+    values of the first and the last ``metrics.json`` line that has them; ``{}`` when none.
+    """
+    path = os.path.join(output_dir, "metrics.json")
+    found = []
+    if os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue
+                values = {k: float(v) for k, v in entry.items() if k.startswith("diag/")}
+                if values:
+                    found.append({"iteration": int(entry.get("iteration", -1)), **values})
+    return {"first": found[0], "last": found[-1]} if found else {}
+
+
 def _write_text(path, text):
     """Write ``text`` to ``path`` atomically (:func:`reidzoo.checkpoint.atomic_write`)."""
     from reidzoo.checkpoint import atomic_write  # imports torch: only when writing
@@ -416,6 +436,9 @@ def run_cell(
             "wall_s": time.time() - t0,
             "evaluations": evaluations(os.path.join(REPO, out)),
         }
+        diag = diagnostics(os.path.join(REPO, out))
+        if diag:
+            stage["diagnostics"] = diag
         stage_results = os.path.join(REPO, out, "results.json")
         if rc == 0 and os.path.isfile(stage_results):
             with open(stage_results) as f:
@@ -716,6 +739,49 @@ def markdown_pairs(rows):
     return "\n".join(lines) + "\n"
 
 
+def markdown_diagnostics(recs, models=PAIR_MODELS):
+    """Markdown table of the training diagnostics of the records that have them (the last
+    stage's last logged values, :func:`diagnostics`), averaged over each cell's splits: the
+    gradient norm of each loss term at the last backbone stage, feature norms, normalised
+    attention entropies and dead-row fractions. Empty string when no record has them."""
+    per = {}
+    for rec in recs:
+        stages = rec.get("stages") or []
+        last = ((stages[-1].get("diagnostics") or {}).get("last")) if stages else None
+        if last:
+            per.setdefault((rec["model"], rec["dataset"]), []).append((rec["split"], last))
+    if not per:
+        return ""
+    kinds = (
+        ("grad", "gradient norm at the last stage, per loss term"),
+        ("feat_norm", "feature norm"),
+        ("entropy", "attention entropy / log M"),
+        ("dead", "dead rows"),
+    )
+    lines = [
+        "| model | dataset | splits | iteration | " + " | ".join(t for _, t in kinds) + " |",
+        "|---|---|---|---|" + "---|" * len(kinds),
+    ]
+    for (model, dataset), found in per.items():
+        keys = sorted({k for _, v in found for k in v if k != "iteration"})
+        cells = [
+            models[model][0],
+            DATASETS.get(dataset, dataset),
+            ",".join(str(split) for split, _ in found),
+            ",".join(sorted({str(v["iteration"]) for _, v in found})),
+        ]
+        for kind, _ in kinds:
+            prefix = f"diag/{kind}/"
+            parts = []
+            for k in keys:
+                if k.startswith(prefix):
+                    vals = [v[k] for _, v in found if k in v]
+                    parts.append(f"{k[len(prefix) :]} {statistics.mean(vals):.3g}")
+            cells.append(", ".join(parts) or "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def report_pairs(records):
     """The pairs' Markdown block: the paired comparisons (with the cost ratios of
     ``<records>/costs.json`` when present), every cell's mean over its splits (PFE stage II's
@@ -751,6 +817,11 @@ def report_pairs(records):
         + markdown(cells + group_lines)
         + "\n"
         + markdown_runs(recs, PAIR_MODELS)
+        + (
+            f"\n**Training diagnostics at the last logged iteration (mean over splits)**\n\n{diag}"
+            if (diag := markdown_diagnostics(recs))
+            else ""
+        )  # fmt: skip
     )
 
 

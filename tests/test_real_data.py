@@ -462,6 +462,45 @@ def test_pairs_are_paired_by_split_with_views_and_cost_ratios(tmp_path):
     assert "PFE (stage I + II): F5 alone" in block and "PFE (stage I + II): side alone" in block
 
 
+def test_record_keeps_first_and_last_diagnostics_and_report_averages_them(tmp_path, monkeypatch):
+    """A cell trained with REIDZOO.DIAGNOSTICS.ENABLED keeps the first and last logged diag/
+    values of each stage; the pairs report averages the last ones over the cell's splits."""
+    logs, records = str(tmp_path / "logs"), str(tmp_path / "records")
+
+    def fake_call(argv, cwd):
+        out = argv[argv.index("OUTPUT_DIR") + 1]
+        split = int(out.rstrip("/").split("split_")[1])
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "results.json"), "w") as f:
+            json.dump({"results": {"VIPeRSingleShot": _m(1.0, 2.0, 3.0, 4.0)}}, f)
+        lines = [
+            {"iteration": 0, "diag/grad/cls": 9.0, "diag/entropy/PAM/theta": 1.0, "loss": 5.0},
+            {"iteration": 10, "total_loss": 4.0},  # no diag/ keys: not a diagnostics line
+            {"iteration": 19, "diag/grad/cls": 2.0 + split, "diag/entropy/PAM/theta": 0.5,
+             "diag/dead/PLM/mask": 0.25},
+        ]  # fmt: skip
+        with open(os.path.join(out, "metrics.json"), "w") as f:
+            f.write("\n".join(json.dumps(x) for x in lines) + "\n{broken\n")
+        return 0
+
+    monkeypatch.setattr(rd.subprocess, "call", fake_call)
+    for split in (0, 1):
+        assert (
+            rd.run_cell("pan", "viper", split, "/d", logs, records=records, suite="pairs") == "done"
+        )
+    with open(rd.record_path(records, "pan", "viper", 0)) as f:
+        diag = json.load(f)["stages"][0]["diagnostics"]
+    assert diag["first"] == {"iteration": 0, "diag/grad/cls": 9.0, "diag/entropy/PAM/theta": 1.0}
+    assert diag["last"]["iteration"] == 19 and diag["last"]["diag/dead/PLM/mask"] == 0.25
+    block = rd.report_pairs(records)
+    assert "**Training diagnostics at the last logged iteration" in block
+    assert (
+        "| PAN | VIPeRSingleShot | 0,1 | 19 | cls 2.5 | - | PAM/theta 0.5 | PLM/mask 0.25 |"
+        in block
+    )
+    assert rd.diagnostics(str(tmp_path / "nowhere")) == {}
+
+
 def test_each_paper_readme_quotes_only_its_own_pair_lines(tmp_path):
     records = str(tmp_path / "records")
     for split, (m, b) in enumerate([(20.0, 10.0), (15.0, 16.0)]):
