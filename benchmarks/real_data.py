@@ -323,32 +323,38 @@ def git_revision():
     return {"rev": rev, "dirty": bool(status.strip())}
 
 
-def evaluations(output_dir):
-    """Every evaluation a run logged: ``[{"iteration": i, metric: value, ...}]``.
-
-    Read from fast-reid's ``metrics.json`` (one JSON object per line, written by its
-    ``JSONWriter``; evaluation scalars are named ``<metric>`` or ``<dataset>/<metric>``).
-    Missing file or unparsable lines: what could be read.
-    """
+def _metrics_entries(output_dir):
+    """The JSON objects of fast-reid's ``metrics.json`` in ``output_dir`` (one per line, written
+    by its ``JSONWriter``); nothing for a missing file, unparsable lines skipped."""
     path = os.path.join(output_dir, "metrics.json")
-    found = []
     if not os.path.isfile(path):
-        return found
+        return
     with open(path) as f:
         for line in f:
             try:
-                entry = json.loads(line)
+                yield json.loads(line)
             except ValueError:
                 continue
-            values = {}
-            for key, value in entry.items():
-                parts = key.split("/")
-                # "<metric>" or "<dataset>/<metric>"; a metric group ("<dataset>/F5/<metric>",
-                # PFE stage II) is not the model's test feature
-                if parts[-1] in METRICS and len(parts) <= 2:
-                    values[parts[-1]] = float(value)
-            if len(values) == len(METRICS):
-                found.append({"iteration": int(entry.get("iteration", -1)), **values})
+
+
+def evaluations(output_dir):
+    """Every evaluation a run logged: ``[{"iteration": i, metric: value, ...}]``.
+
+    Read from fast-reid's ``metrics.json`` (:func:`_metrics_entries`; evaluation scalars are
+    named ``<metric>`` or ``<dataset>/<metric>``). Missing file or unparsable lines: what could
+    be read.
+    """
+    found = []
+    for entry in _metrics_entries(output_dir):
+        values = {}
+        for key, value in entry.items():
+            parts = key.split("/")
+            # "<metric>" or "<dataset>/<metric>"; a metric group ("<dataset>/F5/<metric>",
+            # PFE stage II) is not the model's test feature
+            if parts[-1] in METRICS and len(parts) <= 2:
+                values[parts[-1]] = float(value)
+        if len(values) == len(METRICS):
+            found.append({"iteration": int(entry.get("iteration", -1)), **values})
     return found
 
 
@@ -357,18 +363,11 @@ def diagnostics(output_dir):
     diagnostics"): ``{"first": {...}, "last": {...}}``, each the ``iteration`` and ``diag/...``
     values of the first and the last ``metrics.json`` line that has them; ``{}`` when none.
     """
-    path = os.path.join(output_dir, "metrics.json")
     found = []
-    if os.path.isfile(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    entry = json.loads(line)
-                except ValueError:
-                    continue
-                values = {k: float(v) for k, v in entry.items() if k.startswith("diag/")}
-                if values:
-                    found.append({"iteration": int(entry.get("iteration", -1)), **values})
+    for entry in _metrics_entries(output_dir):
+        values = {k: float(v) for k, v in entry.items() if k.startswith("diag/")}
+        if values:
+            found.append({"iteration": int(entry.get("iteration", -1)), **values})
     return {"first": found[0], "last": found[-1]} if found else {}
 
 
