@@ -138,6 +138,10 @@ PAIR_MODELS = {
         "PFE (stage I + II)",
         (Stage("PFE/stage1.yml"), Stage("PFE/stage2.yml", "stage1")),
     ),
+    "pfe-init3": (
+        "PFE stage I, TSAM masks start near 1 (tried)",
+        (Stage("PFE/stage1_init3.yml"),),
+    ),
     "pmm-base": ("PMM base (BDB layout)", (Stage("PMM/base.yml"),)),
     "pmm-no-mix": ("PMM without mixing", (Stage("PMM/pmm_no_mix.yml"),)),
     "pmm": ("PMM", (Stage("PMM/pmm.yml"),)),
@@ -157,6 +161,12 @@ COMPARISONS = (
     ("PFE", "stage II over stage I", ("pfe", "final"), ("pfe", "stage1")),
     ("PFE", "stage II: F5 alone vs stage I", ("pfe", "F5"), ("pfe", "stage1")),
     ("PFE", "stage II: side alone vs stage I", ("pfe", "side"), ("pfe", "stage1")),
+    (
+        "PFE",
+        "TSAM with masks starting near 1 (tried, not the paper's)",
+        ("pfe-init3", "final"),
+        ("pfe-base", "final"),
+    ),
     ("PMM", "progressive stages + hard-mix", ("pmm", "final"), ("pmm-base", "final")),
     ("PMM", "hard-mix alone", ("pmm", "final"), ("pmm-no-mix", "final")),
     ("RMGL", "RP + ABP + RSA", ("rmgl", "final"), ("rmgl-base", "final")),
@@ -175,6 +185,7 @@ COST_MODELS = {
     ("pfe", "final"): "pairs-pfe-stage2",
     ("pfe", "F5"): "pairs-pfe-stage2",
     ("pfe", "side"): "pairs-pfe-stage2",
+    ("pfe-init3", "final"): "pairs-pfe-stage1",  # the same network, another initialisation
     ("pmm-base", "final"): "pairs-pmm-base",
     ("pmm-no-mix", "final"): "pairs-pmm-no-mix",
     ("pmm", "final"): "pairs-pmm",

@@ -314,6 +314,8 @@ _ADDED = {
     ("ianet-renorm", "ianet-base"): {"MODEL.BACKBONE.INSERTS", "MODEL.IANET.FUSION_NORM"},
     ("pan", "pan-base"): {"MODEL.PAN.PAM_STAGES", "MODEL.PAN.PAM_DIMS"},
     ("pfe", "pfe-base"): {"MODEL.BACKBONE.INSERTS"},  # stage I
+    # a tried variant of stage I (not the paper's): TSAM plus its initial gate bias
+    ("pfe-init3", "pfe-base"): {"MODEL.BACKBONE.INSERTS", "MODEL.PFE.TSAM_INIT_BIAS"},
     ("pmm", "pmm-base"): {"MODEL.PMM.LAYOUT", "MODEL.PMM.MIX"},
     ("pmm", "pmm-no-mix"): {"MODEL.PMM.MIX"},
     ("rmgl", "rmgl-base"): {
@@ -381,6 +383,23 @@ def test_pfe_stage2_changes_only_the_stage_and_its_schedule():
     assert stage2.SOLVER.BASE_LR == pytest.approx(stage1.SOLVER.BASE_LR / 10)
     # 18 of the paper's 120 stage I epochs, 12 of its 80 stage II epochs: 15 % each
     assert stage1.SOLVER.MAX_EPOCH / 120 == pytest.approx(stage2.SOLVER.MAX_EPOCH / 80)
+
+
+def test_pfe_tried_cell_starts_every_tsam_mask_near_one():
+    """The tried PFE cell builds stage I's network with every FAB / SEB gate bias at +3 (masks
+    about 0.95 at the start); the paper's stage I keeps them at 0 (masks 0.5)."""
+    from reidzoo.modeling.build import build_model
+
+    def gate_biases(cell):
+        cfg = _pair_cfg(cell).clone()
+        cfg.defrost()
+        cfg.MODEL.HEADS.NUM_CLASSES = 8
+        model = build_model(cfg)
+        gates = [m.fc2.bias for n, m in model.named_modules() if type(m).__name__ in ("FAB", "SEB")]
+        return len(gates), {round(float(v), 6) for b in gates for v in b}
+
+    assert gate_biases("pfe-init3") == (8, {3.0})  # FAB + SEB after each of the 4 stages
+    assert gate_biases("pfe") == (8, {0.0})
 
 
 @pytest.mark.parametrize("cell", sorted(rd.PAIR_MODELS))
