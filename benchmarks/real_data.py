@@ -133,6 +133,11 @@ PAIR_MODELS = {
     "ianet-renorm": ("IANet, FUSION_NORM renorm", (Stage("IANet/ianet_renorm.yml"),)),
     "pan-base": ("PAN PLM baseline (no PAM, Tab. 2)", (Stage("PAN/base.yml"),)),
     "pan": ("PAN", (Stage("PAN/pan.yml"),)),
+    "pan-base-softplus": (
+        "PAN PLM baseline, softplus masks (tried)",
+        (Stage("PAN/base_softplus.yml"),),
+    ),
+    "pan-softplus": ("PAN, softplus masks (tried)", (Stage("PAN/pan_softplus.yml"),)),
     "pfe-base": ("PFE ResNet baseline (no TSAM, Tab. I)", (Stage("PFE/base.yml"),)),
     "pfe": (
         "PFE (stage I + II)",
@@ -156,6 +161,12 @@ COMPARISONS = (
     ("IANet", "IA blocks", ("ianet", "final"), ("ianet-base", "final")),
     ("IANet", "IA blocks, renorm fusion", ("ianet-renorm", "final"), ("ianet-base", "final")),
     ("PAN", "PAM", ("pan", "final"), ("pan-base", "final")),
+    (
+        "PAN",
+        "PAM, both cells with softplus masks (tried, not the paper's)",
+        ("pan-softplus", "final"),
+        ("pan-base-softplus", "final"),
+    ),
     ("PFE", "TSAM (stage I)", ("pfe", "stage1"), ("pfe-base", "final")),
     ("PFE", "stage I + II, concatenation", ("pfe", "final"), ("pfe-base", "final")),
     ("PFE", "stage II over stage I", ("pfe", "final"), ("pfe", "stage1")),
@@ -180,6 +191,9 @@ COST_MODELS = {
     ("ianet-renorm", "final"): "pairs-ianet-renorm",
     ("pan-base", "final"): "pairs-pan-base",
     ("pan", "final"): "pairs-pan",
+    # softplus for ReLU: the same parameters, a negligible cost
+    ("pan-base-softplus", "final"): "pairs-pan-base",
+    ("pan-softplus", "final"): "pairs-pan",
     ("pfe-base", "final"): "pairs-pfe-base",
     ("pfe", "stage1"): "pairs-pfe-stage1",
     ("pfe", "final"): "pairs-pfe-stage2",

@@ -122,6 +122,31 @@ def test_plm_masks_parts_and_formula():
     assert isinstance(relu_ca.channel[0].act, torch.nn.ReLU)
 
 
+def test_softplus_masks_cannot_die_where_relu_masks_do():
+    """MASK_ACT: with the spatial attention's last BN shifted far below zero (what a dead mask
+    is), ReLU masks are all zero and pass no gradient; softplus masks stay positive and do."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 32, 6, 4)
+    for act in ("relu", "softplus"):
+        plm = PLM(32, scales=(1, 2), hidden=16, ca_reduction=4, mask_act=act).train()
+        with torch.no_grad():
+            plm.spatial[4].bias.fill_(-30.0)  # the BN before the mask activation
+        masks = plm.masks(x)
+        masks.sum().backward()
+        grad = plm.spatial[3].weight.grad.abs().sum()
+        if act == "relu":
+            assert isinstance(plm.spatial[-1], torch.nn.ReLU)
+            assert bool((masks == 0).all()) and float(grad) == 0.0
+        else:
+            assert isinstance(plm.spatial[-1], torch.nn.Softplus)
+            assert bool((masks > 0).all()) and float(grad) > 0.0
+    head = _ci_head("MODEL.PAN.MASK_ACT", "softplus")
+    assert isinstance(head.parts.spatial[-1], torch.nn.Softplus)
+    assert isinstance(_ci_head().parts.spatial[-1], torch.nn.ReLU)  # the paper's default
+    with pytest.raises(ValueError, match="MODEL.PAN.MASK_ACT='sigmoid'"):
+        _ci_head("MODEL.PAN.MASK_ACT", "sigmoid")
+
+
 def test_stripes_are_horizontal_average_pooling():
     x = torch.randn(2, 8, 6, 4)
     parts, masks = StripeParts(3)(x)

@@ -313,6 +313,8 @@ _ADDED = {
     ("ianet", "ianet-base"): {"MODEL.BACKBONE.INSERTS"},
     ("ianet-renorm", "ianet-base"): {"MODEL.BACKBONE.INSERTS", "MODEL.IANET.FUSION_NORM"},
     ("pan", "pan-base"): {"MODEL.PAN.PAM_STAGES", "MODEL.PAN.PAM_DIMS"},
+    # a tried variant (not the paper's): the same pair with softplus masks in both cells
+    ("pan-softplus", "pan-base-softplus"): {"MODEL.PAN.PAM_STAGES", "MODEL.PAN.PAM_DIMS"},
     ("pfe", "pfe-base"): {"MODEL.BACKBONE.INSERTS"},  # stage I
     # a tried variant of stage I (not the paper's): TSAM plus its initial gate bias
     ("pfe-init3", "pfe-base"): {"MODEL.BACKBONE.INSERTS", "MODEL.PFE.TSAM_INIT_BIAS"},
@@ -400,6 +402,16 @@ def test_pfe_tried_cell_starts_every_tsam_mask_near_one():
 
     assert gate_biases("pfe-init3") == (8, {3.0})  # FAB + SEB after each of the 4 stages
     assert gate_biases("pfe") == (8, {0.0})
+
+
+def test_pan_tried_pair_has_softplus_masks_in_both_cells():
+    acts = {c: _pair_cfg(c).MODEL.PAN.MASK_ACT for c in rd.PAIR_MODELS if c.startswith("pan")}
+    assert acts == {
+        "pan-base": "relu",
+        "pan": "relu",
+        "pan-base-softplus": "softplus",
+        "pan-softplus": "softplus",
+    }
 
 
 @pytest.mark.parametrize("cell", sorted(rd.PAIR_MODELS))

@@ -32,6 +32,11 @@ def add_pan_config(cfg):
             # Last activation of the channel attention c^l: "sigmoid" (SE-Net,
             # docs/decisions/pan.md#plm) or "relu" (the literal §4.1 text).
             "CA_ACT": "sigmoid",
+            # Last activation of PLM's spatial attention, i.e. of the masks s_j^l: "relu" (the
+            # paper's "Conv2D-BN-ReLU") or "softplus" (not in the paper: a mask that cannot
+            # die, tried because PAM's pairs cells end with all-zero scale-2 masks;
+            # docs/decisions/pan.md#plm).
+            "MASK_ACT": "relu",
             # Stages X^l connected to the part features P (§3.1, Fig. 1: blocks 1-3), by the
             # block CONNECTION names. Empty: the PLM baseline of Table 2 ("Baseline").
             "PAM_STAGES": ["layer1", "layer2", "layer3"],

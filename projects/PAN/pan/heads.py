@@ -26,6 +26,7 @@ PARTS = ("plm", "stripes")
 FUSIONS = ("concat", "add")
 FEATS = ("before", "after")
 CA_ACTS = ("sigmoid", "relu")
+MASK_ACTS = ("relu", "softplus")
 ORTH_MASKS = ("raw", "normalized")
 
 
@@ -73,6 +74,7 @@ class PANHead(nn.Module):
         sa_dim (int): hidden width of PLM's spatial attention.
         ca_reduction (int): reduction r of PLM's channel attention.
         ca_act (str): last activation of the channel attention: "sigmoid" or "relu".
+        mask_act (str): last activation of PLM's masks: "relu" (the paper) or "softplus".
         connected_stages (Sequence[str]): stages X^l joined to the parts ("layer1".."layer4";
             empty: the PLM baseline of Table 2); ``forward`` then needs their outputs.
         connection (str): how Z^l is made from X^l: "pam" (Eq. 1-3), "conv" or "identity".
@@ -106,6 +108,7 @@ class PANHead(nn.Module):
         "sa_dim": "MODEL.PAN.SA_DIM",
         "ca_reduction": "MODEL.PAN.CA_REDUCTION",
         "ca_act": "MODEL.PAN.CA_ACT",
+        "mask_act": "MODEL.PAN.MASK_ACT",
         "connected_stages": "MODEL.PAN.PAM_STAGES",
         "connection": "MODEL.PAN.CONNECTION",
         "pam_dims": "MODEL.PAN.PAM_DIMS",
@@ -137,6 +140,7 @@ class PANHead(nn.Module):
         sa_dim=256,
         ca_reduction=16,
         ca_act="sigmoid",
+        mask_act="relu",
         connected_stages=("layer1", "layer2", "layer3"),
         connection="pam",
         pam_dims=(256, 256, 256),
@@ -160,7 +164,9 @@ class PANHead(nn.Module):
         feat_dim = int(feat_dim)
         channels = stage_widths(feat_dim)
         if parts == "plm":
-            self.parts = PLM(feat_dim, scales, int(sa_dim), int(ca_reduction), ca_act, norm)
+            self.parts = PLM(
+                feat_dim, scales, int(sa_dim), int(ca_reduction), ca_act, norm, mask_act
+            )
         else:
             self.parts = StripeParts(int(num_stripes))
         stages = tuple(connected_stages)
@@ -257,6 +263,7 @@ class PANHead(nn.Module):
         for name, allowed in (
             ("parts", PARTS),
             ("ca_act", CA_ACTS),
+            ("mask_act", MASK_ACTS),
             ("connection", CONNECTIONS),
             ("fusion", FUSIONS),
             ("triplet_feat", FEATS),

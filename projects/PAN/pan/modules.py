@@ -72,24 +72,28 @@ class PLM(nn.Module):
         ca_reduction (int): r of the channel attention.
         ca_act (str): "sigmoid" or "relu".
         norm (str): fast-reid norm type of the spatial-attention BNs.
+        mask_act (str): last activation of the spatial attention: "relu" (the paper) or
+            "softplus" (positive everywhere, so a mask cannot die).
     """
 
     def __init__(
         self, in_channels, scales=(1, 2, 3), hidden=256, ca_reduction=16, ca_act="sigmoid",
-        norm="BN",
+        norm="BN", mask_act="relu",
     ):  # fmt: skip
         super().__init__()
         self.scales = tuple(int(s) for s in scales)
         if not self.scales or min(self.scales) < 1:
             raise ValueError(f"MODEL.PAN.SCALES={list(scales)}; expected positive integers")
         self.num_parts = sum(self.scales)
+        if mask_act not in ("relu", "softplus"):
+            raise ValueError(f"MODEL.PAN.MASK_ACT={mask_act!r}; expected 'relu' or 'softplus'")
         self.spatial = nn.Sequential(
             nn.Conv2d(in_channels, hidden, 1, bias=False),
             get_norm(norm, hidden),
             nn.ReLU(inplace=True),
             nn.Conv2d(hidden, self.num_parts, 1, bias=False),
             get_norm(norm, self.num_parts),
-            nn.ReLU(inplace=True),
+            nn.ReLU(inplace=True) if mask_act == "relu" else nn.Softplus(),
         )
         self.channel = nn.ModuleList(
             ChannelAttention(in_channels, ca_reduction, ca_act) for _ in self.scales
@@ -102,7 +106,7 @@ class PLM(nn.Module):
         Args:
             x (Tensor): [N, C, H, W] X^4.
         Returns:
-            Tensor: [N, K, H*W] s_j^l, scales in order (>= 0, ReLU output).
+            Tensor: [N, K, H*W] s_j^l, scales in order (>= 0: ReLU or softplus output).
         """
         return self.spatial(x).flatten(2)
 
