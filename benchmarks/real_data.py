@@ -836,6 +836,11 @@ def report_pairs(records):
             group_lines.append(row)
     return (
         "**Pairs: method against its own base (paired by split)**\n\n"
+        "Rank-1 and mAP in %. Method and base: mean +- sample standard deviation over the"
+        " splits listed. Difference per split: method - base on the same split, in split"
+        " order; method better: how many of those differences are > 0. Step time x and"
+        " MACs x: method / base from `benchmarks/run.py` at 192x64, batch 32"
+        " (`benchmarks/real_data/pairs/costs.json`).\n\n"
         + markdown_pairs(pair_rows(records, costs))
         + "\n**Every cell (mean +- std over its splits)**\n\n"
         + markdown(cells + group_lines)
