@@ -606,3 +606,28 @@ def test_pairs_record_keeps_stage2_metric_groups_apart(tmp_path, monkeypatch):
     assert rec["stages"][1]["groups"]["side"]["Rank-1"] == 1.0
     paper = {m: 5.0 for m in rd.METRICS}
     assert rec["stages"][1]["evaluations"] == [{"iteration": 9, **paper}]
+
+
+def _between(text, marks, where):
+    begin, end = marks
+    assert begin in text and end in text, f"{where}: markers {marks} missing"
+    return text.split(begin, 1)[1].split(end, 1)[0]
+
+
+def test_tracked_pair_tables_are_what_the_records_give():
+    """benchmarks/REAL_DATA.md's pairs block and every paper README's lines are exactly what
+    `real_data.py collect --suite pairs` writes from the tracked records: a record added or
+    changed without regenerating the tables (or a hand edit inside the markers) fails here."""
+    records = os.path.join(REPO, "benchmarks", "real_data", "pairs")
+    marks = rd.SUITES["pairs"][4]
+    with open(os.path.join(REPO, "benchmarks", "REAL_DATA.md")) as f:
+        tracked = _between(f.read(), marks, "benchmarks/REAL_DATA.md")
+    assert tracked == "\n" + rd.report_pairs(records)
+    rows = rd.pair_rows(records, rd.load_costs(os.path.join(records, "costs.json")))
+    for paper in dict.fromkeys(c[0] for c in rd.COMPARISONS):
+        path = rd.readme_path(paper)
+        with open(path) as f:
+            quoted = _between(f.read(), rd.README_MARKS, path)
+        mine = [r for r in rows if r["paper"] == paper]
+        assert mine, f"{paper}: no pair rows from the tracked records"
+        assert quoted == "\n" + rd.markdown_pairs(mine), path
