@@ -66,22 +66,36 @@ def test_random_features_demo_size(metric, block):
     torch.manual_seed(1)
     qf, gf = torch.randn(96, 2048), torch.randn(480, 2048)
     ids = _ids(rng, 96, 480)
-    ref = _stock(build_dist(qf, gf, metric), *ids)
+    # fast-reid's ranking of the very distances the blocks give (equal to build_dist's matrix
+    # to rounding, bit for bit where sgemm does not round by row count: see the next test)
+    src = DistanceBlocks(qf, gf, metric)
+    blocks = [src.block(a, b).numpy() for a, b in plan_query_blocks(96, 480, query_block=block)]
+    ref = _stock(np.concatenate(blocks), *ids)
     res = rank_features(qf, gf, *ids, metric=metric, query_block=block)
     _assert_same(res, *ref, num_query=96)
     assert res.num_skipped >= 3
     assert res.num_sorted_rows < 96 - 3  # most rows are counted, not sorted
 
 
-def test_distance_blocks_are_bitwise_fastreid():
-    """Row blocks of >= MIN_BLOCK rows reproduce build_dist's full matrix bit for bit."""
+@pytest.mark.parametrize("dim", [256, 2048])
+def test_distance_blocks_match_fastreid_to_rounding(dim):
+    """Row blocks of >= MIN_BLOCK rows reproduce build_dist's full matrix to within 4 ulp of its
+    entries. (They were bit for bit on the AMD EPYC AVX2 VMs; on an Intel Xeon with AVX-512,
+    sgemm rounds by row count and 2048-d blocks differ by 2 ulp, so bits are not asserted.)"""
     torch.manual_seed(0)
-    qf, gf = torch.randn(203, 256), torch.randn(700, 256)
+    qf, gf = torch.randn(203, dim), torch.randn(700, dim)
     for metric in ("cosine", "euclidean"):
         full = build_dist(qf, gf, metric)
         src = DistanceBlocks(qf, gf, metric)
+        # cosine distances near 0 or 1 still carry the rounding of the dot product (~ 1)
+        scale = np.maximum(np.abs(full), 1.0)
         for start, stop in plan_query_blocks(203, 700, query_block=MIN_BLOCK):
-            assert np.array_equal(src.block(start, stop).numpy(), full[start:stop])
+            err = np.abs(src.block(start, stop).numpy() - full[start:stop])
+            assert (err <= 4 * np.spacing(scale[start:stop].astype(np.float32))).all(), (
+                metric,
+                start,
+                float(err.max()),
+            )
 
 
 def test_plan_query_blocks_bounds():

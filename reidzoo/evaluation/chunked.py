@@ -6,9 +6,12 @@ extension is not built). Here queries are processed in row blocks:
 
 1. the distance block is computed with the very torch operations of
    ``fastreid.utils.compute_dist`` (``F.normalize`` and ``1 - mm`` for cosine, the squared norms
-   plus ``addmm_(beta=1, alpha=-2)`` for Euclidean), so every row is bit-identical to fast-reid's
-   full matrix on the CPU (MKL rounds differently for row blocks under 12 rows, so blocks are
-   kept at >= :data:`MIN_BLOCK` rows, or the whole query set);
+   plus ``addmm_(beta=1, alpha=-2)`` for Euclidean). Whether a row block is bit-identical to
+   fast-reid's full matrix is the BLAS kernel's choice: on the AMD EPYC (AVX2) CPUs this was
+   written on it is, for blocks of >= 12 rows (so blocks are kept at >= :data:`MIN_BLOCK` rows,
+   or the whole query set); on an Intel Xeon with AVX-512 sgemm rounds by row count and a block
+   differs from the full matrix by a few ulp (seen: 2 ulp with 2048-d features), which can swap
+   two near-tied gallery images. The ranking below is exact for the distances it is given;
 2. all fast-reid's metrics of a query follow from the positions of its valid matches (its
    identity, other cameras) among the kept gallery images. A position is the number of
    other-identity images closer than the match plus the number of valid matches before it, so
@@ -46,8 +49,8 @@ from reidzoo.evaluation.rerank import (
 
 logger = logging.getLogger(__name__)
 
-#: Smallest query block: MKL's sgemm rounds differently for fewer than 12 rows, and the rows
-#: must be bit-identical to fast-reid's full matrix.
+#: Smallest query block: on AVX2 CPUs sgemm rounds row blocks of fewer than 12 rows differently
+#: from the full matrix (at >= 12 rows the blocks were bit-identical there; see the module text).
 MIN_BLOCK = 32
 #: Working bytes per query-gallery pair in one block (float32 distance, int64 order, masks).
 BYTES_PER_PAIR = 24
