@@ -873,9 +873,8 @@ def update_readmes(records, readme=readme_path):
     Returns:
         list[str]: the READMEs written.
     """
-    rows = pair_rows(records, load_costs(os.path.join(records, "costs.json")))
     written = []
-    for paper in dict.fromkeys(c[0] for c in COMPARISONS):
+    for paper, table in readme_tables(records).items():
         path = readme(paper)
         text = open(path).read() if os.path.isfile(path) else ""
         if not all(m in text for m in README_MARKS):
@@ -883,11 +882,24 @@ def update_readmes(records, readme=readme_path):
                 f"{path}: expected the markers {README_MARKS[0]} and {README_MARKS[1]} around "
                 "the pairs' lines"
             )
-        mine = [r for r in rows if r["paper"] == paper]
-        table = markdown_pairs(mine) if mine else "(no finished pair yet)\n"
         update_markdown(path, table, README_MARKS)
         written.append(path)
     return written
+
+
+def readme_tables(records):
+    """Each paper's lines of the pairs table (:func:`pair_rows` with the cost ratios), as
+    :func:`update_readmes` writes them between :data:`README_MARKS`.
+
+    Returns:
+        dict[str, str]: paper -> markdown (a line saying so for a paper without rows yet).
+    """
+    rows = pair_rows(records, load_costs(os.path.join(records, "costs.json")))
+    tables = {}
+    for paper in dict.fromkeys(c[0] for c in COMPARISONS):
+        mine = [r for r in rows if r["paper"] == paper]
+        tables[paper] = markdown_pairs(mine) if mine else "(no finished pair yet)\n"
+    return tables
 
 
 def _load_text(machine):
